@@ -1,0 +1,71 @@
+# nmt: staged recipes. `make recipe=en-de train` runs data -> spm -> train -> eval; every stage is a
+# file target under exp/<recipe>/, so make skips what is already up to date.
+#
+#   make install                       create .venv and install nmt with its extras
+#   make test                          run the test suite (installs first)
+#   make recipe=de-en spm MIRROR=../shared/data
+#   make recipe=de-en train SET="train.max_epochs=3 model.hidden_size=256"
+
+recipe ?= en-de
+PYTHON ?= python3
+VENV ?= .venv
+# The torch requirement installed before nmt itself. On a machine with the CPU wheel on disk,
+# `torch==2.13.0` takes it; elsewhere override it, e.g. TORCH="torch" or a CPU index of your own.
+TORCH ?= torch==2.13.0
+EXP ?= exp/$(recipe)
+SET ?=
+MIRROR ?=
+
+ifneq ($(MIRROR),)
+export NMT_DATA_MIRROR := $(abspath $(MIRROR))
+endif
+
+NMT := $(VENV)/bin/nmt
+NMT_ARGS := $(recipe) --exp $(EXP) $(foreach s,$(SET),--set $(s))
+RECIPE_FILE := recipes/$(recipe).yaml
+INSTALLED := $(VENV)/.installed
+
+STATS := $(EXP)/data/stats.json
+SPM := $(EXP)/spm/manifest.json
+MODEL := $(EXP)/model/summary.json
+SCORES := $(EXP)/eval/scores.json
+
+.PHONY: install test lint data spm train eval help
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make install | test | lint"
+	@echo "make recipe=NAME data | spm | train | eval   [MIRROR=dir] [SET=\"key=value ...\"]"
+	@echo "recipes: $(basename $(notdir $(wildcard recipes/*.yaml)))"
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet "$(TORCH)"
+	$(VENV)/bin/pip install --quiet -e ".[plot,dev]"
+	touch $@
+
+install: $(INSTALLED)
+
+test: $(INSTALLED)
+	$(VENV)/bin/pytest tests
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check nmt tests bench
+
+# The stages. Installing is order-only: reinstalling must not make trained models look stale.
+$(STATS): $(RECIPE_FILE) | $(INSTALLED)
+	$(NMT) data $(NMT_ARGS)
+
+$(SPM): $(STATS) | $(INSTALLED)
+	$(NMT) spm $(NMT_ARGS)
+
+$(MODEL): $(SPM) | $(INSTALLED)
+	$(NMT) train $(NMT_ARGS)
+
+$(SCORES): $(MODEL) | $(INSTALLED)
+	$(NMT) evaluate $(NMT_ARGS)
+
+data: $(STATS)
+spm: $(SPM)
+train: $(SCORES)
+eval: $(SCORES)

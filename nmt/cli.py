@@ -1,0 +1,151 @@
+"""The `nmt` command: argparse only; every subcommand is a thin call into a plain function.
+
+An NmtError (bad recipe key, missing file, corrupt checkpoint ...) becomes one line on stderr and
+exit status 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nmt.errors import NmtError
+
+
+def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a name under recipes/ or a path to a recipe YAML file")
+    parser.add_argument("--exp", type=Path, help="experiment directory (default: exp/<recipe>)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set model.hidden_size=256 (repeatable)",
+    )
+
+
+def _load(args):
+    from nmt.config import load_recipe
+
+    config = load_recipe(args.recipe, args.overrides)
+    exp_dir = args.exp if args.exp is not None else Path("exp") / config.name
+    return config, exp_dir
+
+
+def cmd_data(args) -> None:
+    from nmt.corpus import run_data_stage
+
+    config, exp_dir = _load(args)
+    stats = run_data_stage(config, exp_dir)
+    for split, s in stats.items():
+        dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none dropped"
+        print(f"{split}: {s['pairs_kept']} of {s['pairs_in']} pairs ({dropped})")
+    print(f"wrote {exp_dir / 'data'}")
+
+
+def cmd_spm(args) -> None:
+    from nmt.subword import run_spm_stage
+
+    config, exp_dir = _load(args)
+    manifest = run_spm_stage(config, exp_dir)
+    sizes = manifest["vocab_size"]
+    print(f"SentencePiece vocab: src {sizes['src']}, tgt {sizes['tgt']}")
+    for split, s in manifest["splits"].items():
+        print(f"{split}: {s['pairs']} pairs, {s['src_tokens']} src / {s['tgt_tokens']} tgt pieces")
+    print(f"wrote {exp_dir / 'spm'}")
+
+
+def cmd_train(args) -> None:
+    from nmt.train import train
+
+    config, exp_dir = _load(args)
+    summary = train(config, exp_dir)
+    print(
+        f"best valid BLEU {summary['best_valid_bleu']:.2f} at step {summary['best_step']}; "
+        f"{summary['steps']} steps in {summary['train_seconds']:.0f} s; wrote {exp_dir / 'model'}"
+    )
+
+
+def cmd_evaluate(args) -> None:
+    from nmt.evaluate import evaluate_files, evaluate_recipe, format_scores
+
+    if args.recipe is None:
+        if not args.hyp or not args.ref:
+            raise NmtError("nmt evaluate: give a RECIPE, or --hyp FILE and --ref FILE")
+        results = {"hyp": evaluate_files(args.hyp, args.ref)}
+    else:
+        config, exp_dir = _load(args)
+        results = evaluate_recipe(config, exp_dir, beam_size=args.beam)
+    if args.json:
+        import json
+
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    else:
+        for name, scores in results.items():
+            print(format_scores(name, scores))
+
+
+def cmd_translate(args) -> None:
+    from nmt.translate import translate_stream
+
+    translate_stream(
+        model=args.model, input_path=args.input, output_path=args.output, beam_size=args.beam,
+        batch_size=args.batch_size, nbest=args.nbest, alignments=args.alignments,
+        device=args.device,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nmt", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="fetch and clean the recipe's corpora")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("spm", help="train SentencePiece and encode every split")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_spm)
+
+    p = sub.add_parser("train", help="train (or resume) the recipe's model")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="decode the recipe's test sets and score them, or score files")
+    p.add_argument("recipe", nargs="?", help="a recipe name or YAML path")
+    p.add_argument("--exp", type=Path, help="experiment directory (default: exp/<recipe>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--hyp", type=Path, help="hypothesis file (with --ref, scores files only)")
+    p.add_argument("--ref", type=Path, action="append", default=[], help="reference file(s)")
+    p.add_argument("--beam", type=int, default=None, help="beam size (default: the recipe's)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("translate", help="translate raw text line by line")
+    p.add_argument("--model", required=True, type=Path, help="experiment directory or checkpoint")
+    p.add_argument("-i", "--input", type=Path, help="input file (default: stdin)")
+    p.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
+    p.add_argument("--beam", type=int, default=None, help="beam size (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, default=None, help="sentences per batch")
+    p.add_argument("--nbest", type=int, default=1, help="print the K best, tab-separated with scores")
+    p.add_argument("--alignments", action="store_true", help="append hard alignments (i-j)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.set_defaults(func=cmd_translate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except NmtError as err:
+        print(f"nmt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nmt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Files: atomic writes and strict reading of line-aligned text.
+
+Every output nmt writes goes through `atomic_output`: it is written to a temporary file in the same
+directory, flushed to disk, then renamed over the target. A crash (or kill -9) at any moment leaves
+either the old file or the new one, never half of one, so a later stage never mistakes a partial
+output for a complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from nmt.errors import NmtError
+
+# mkstemp creates files readable by the owner only; outputs should get the usual permissions.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, mode: str = "w") -> Iterator:
+    """Open a temporary file for writing; on success it replaces `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        binary = "b" in mode
+        with os.fdopen(fd, mode, **({} if binary else {"encoding": "utf-8", "newline": "\n"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_output(path) as f:
+        f.write(text)
+
+
+def write_lines(path: str | Path, lines: list[str]) -> None:
+    with atomic_output(path) as f:
+        for line in lines:
+            f.write(line + "\n")
+
+
+def open_text_bytes(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Read a UTF-8 text file (optionally .gz) as lines without their newline.
+
+    Invalid UTF-8 and NUL bytes are errors that name the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NmtError(f"{path}: file not found")
+    lines = []
+    try:
+        with open_text_bytes(path) as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise NmtError(
+                        f"{path}:{number}: invalid UTF-8 ({err.reason} at byte {err.start})"
+                    ) from None
+                if "\x00" in line:
+                    raise NmtError(f"{path}:{number}: NUL byte in text")
+                lines.append(line.rstrip("\r\n"))
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise NmtError(f"{path}: cannot read: {err}") from None
+    return lines
+
+
+def read_aligned(src_path: Path, tgt_path: Path) -> tuple[list[str], list[str]]:
+    """Both sides of a parallel corpus; differing line counts are an error, never truncated."""
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise NmtError(
+            f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
+            "the two sides of a corpus must be aligned line by line"
+        )
+    return src, tgt
+
+
+def write_json(path: str | Path, obj) -> None:
+    import json
+
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def versions() -> dict:
+    """Versions of everything that changes a result, recorded in every output."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("nmt", "torch", "sentencepiece", "sacrebleu", "numpy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
