@@ -1,0 +1,79 @@
+"""Attention: additive (Bahdanau), dot and general (Luong), all with one signature.
+
+Each module first projects the encoder states into keys once per batch (`project_keys`), then
+scores one decoder query per step against them:
+
+    context, weights = attention(query, keys, values, src_mask)
+    # query (batch, query_size), keys (batch, src_len, *), values (batch, src_len, enc_size)
+    # context (batch, enc_size), weights (batch, src_len): rows sum to 1, padding gets 0
+
+The fixed-context baseline (`attention: none`) has no module at all: see model.Decoder.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def attend(scores: torch.Tensor, values: torch.Tensor, src_mask: torch.Tensor):
+    """Masked softmax over source positions, then the weighted sum of the values."""
+    scores = scores.masked_fill(~src_mask, float("-inf"))  # (batch, src_len)
+    weights = torch.softmax(scores, dim=-1)
+    context = torch.bmm(weights.unsqueeze(1), values).squeeze(1)  # (batch, enc_size)
+    return context, weights
+
+
+class AdditiveAttention(nn.Module):
+    """Bahdanau, Cho & Bengio (2015), eq. (6) and appendix A.1.2: e_ij = v^T tanh(W s + U h_j).
+
+    U h_j does not depend on the decoder step, so `project_keys` computes it once per batch.
+    """
+
+    def __init__(self, query_size: int, enc_size: int, attention_size: int):
+        super().__init__()
+        self.key_proj = nn.Linear(enc_size, attention_size, bias=False)  # U
+        self.query_proj = nn.Linear(query_size, attention_size, bias=True)  # W (+ bias)
+        self.energy = nn.Linear(attention_size, 1, bias=False)  # v
+
+    def project_keys(self, enc_states: torch.Tensor) -> torch.Tensor:
+        return self.key_proj(enc_states)  # (batch, src_len, attention_size)
+
+    def forward(self, query, keys, values, src_mask):
+        hidden = torch.tanh(keys + self.query_proj(query).unsqueeze(1))
+        scores = self.energy(hidden).squeeze(2)  # (batch, src_len)
+        return attend(scores, values, src_mask)
+
+
+class DotAttention(nn.Module):
+    """Luong, Pham & Manning (2015), eq. (8) "dot": score(h_t, h_s) = h_t^T h_s."""
+
+    def project_keys(self, enc_states: torch.Tensor) -> torch.Tensor:
+        return enc_states
+
+    def forward(self, query, keys, values, src_mask):
+        scores = torch.bmm(keys, query.unsqueeze(2)).squeeze(2)  # (batch, src_len)
+        return attend(scores, values, src_mask)
+
+
+class GeneralAttention(DotAttention):
+    """Luong et al. (2015), eq. (8) "general": score = h_t^T W_a h_s, with W_a h_s precomputed."""
+
+    def __init__(self, query_size: int, enc_size: int):
+        super().__init__()
+        self.key_proj = nn.Linear(enc_size, query_size, bias=False)  # W_a
+
+    def project_keys(self, enc_states: torch.Tensor) -> torch.Tensor:
+        return self.key_proj(enc_states)  # (batch, src_len, query_size)
+
+
+def build_attention(kind: str, query_size: int, enc_size: int, attention_size: int):
+    if kind == "bahdanau":
+        return AdditiveAttention(query_size, enc_size, attention_size)
+    if kind == "luong-dot":
+        return DotAttention()
+    if kind == "luong-general":
+        return GeneralAttention(query_size, enc_size)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown attention kind {kind!r}")

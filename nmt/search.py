@@ -1,0 +1,191 @@
+"""Greedy and batched beam search → hypotheses with scores and attention.
+
+Both decode a whole batch of sentences at once. Beam search keeps beam × batch rows: at every step
+it takes the 2·beam best continuations of each sentence, moves those ending in EOS (within the top
+beam) out into the sentence's finished list with their attention, and refills the beam from the
+rest, so the beam stays full (as in fairseq). A sentence is done when it has `beam_size` finished
+hypotheses; the search ends when every sentence is done. Length normalisation is applied when a
+hypothesis finishes: GNMT's ((5 + |y|) / 6) ** alpha (Wu et al. 2016, eq. 14), the plain average
+log-probability, or none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nmt.model import Seq2Seq, bos_column
+from nmt.subword import EOS_ID
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # without BOS and EOS
+    score: float  # normalised log-probability (the ranking score)
+    log_prob: float  # total log-probability, EOS included
+    attention: torch.Tensor | None  # (len(tokens) + 1, src_len), the EOS row included
+
+
+def normalise(log_prob: float, length: int, length_penalty: str, alpha: float) -> float:
+    """length counts the output tokens including EOS."""
+    if length_penalty == "gnmt":
+        return log_prob / (((5.0 + length) / 6.0) ** alpha)
+    if length_penalty == "avg":
+        return log_prob / length
+    return log_prob
+
+
+def max_lengths(src_lens: torch.Tensor, a: float, b: int) -> torch.Tensor:
+    return (src_lens.float() * a + b).long().clamp(min=1)  # output tokens, EOS included
+
+
+@torch.no_grad()
+def greedy_search(model: Seq2Seq, src_ids, src_lens, max_len_a=1.5, max_len_b=10,
+                  length_penalty="none", alpha=0.0) -> list[Hypothesis]:
+    """The most probable token at each step; scores normalised like beam search's."""
+    batch = src_ids.size(0)
+    memory, state = model.encode(src_ids, src_lens)
+    limits = max_lengths(src_lens, max_len_a, max_len_b).to(src_ids.device)
+    prev = bos_column(batch, src_ids.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=src_ids.device)
+    log_probs = torch.zeros(batch, device=src_ids.device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=src_ids.device)
+    tokens, weights = [], []
+    for step in range(int(limits.max())):
+        logits, state, attn = model.decode_step(prev, state, memory)
+        step_log_probs = torch.log_softmax(logits.float(), dim=-1)
+        at_limit = limits <= step + 1  # the last position allowed must be EOS
+        step_log_probs[at_limit] = _only_eos(step_log_probs[at_limit])
+        best_log_prob, best = step_log_probs.max(dim=-1)
+        log_probs += best_log_prob.masked_fill(finished, 0.0)
+        lengths += (~finished).long()
+        tokens.append(best)
+        weights.append(attn)
+        finished |= best == EOS_ID
+        prev = best
+        if bool(finished.all()):
+            break
+    tokens = torch.stack(tokens, dim=1).tolist()
+    attention = torch.stack(weights, dim=1) if weights[0] is not None else None
+    results = []
+    for row in range(batch):
+        n = int(lengths[row])
+        score = normalise(float(log_probs[row]), n, length_penalty, alpha)
+        attn = attention[row, :n, : int(src_lens[row])].cpu() if attention is not None else None
+        results.append(Hypothesis(tokens[row][: n - 1], score, float(log_probs[row]), attn))
+    return results
+
+
+def _only_eos(log_probs: torch.Tensor) -> torch.Tensor:
+    forced = torch.full_like(log_probs, float("-inf"))
+    forced[:, EOS_ID] = log_probs[:, EOS_ID]
+    return forced
+
+
+@torch.no_grad()
+def beam_search(model: Seq2Seq, src_ids, src_lens, beam_size=5, max_len_a=1.5, max_len_b=10,
+                length_penalty="gnmt", alpha=0.6, nbest=1) -> list[list[Hypothesis]]:
+    """The `nbest` best hypotheses of each sentence, best first."""
+    batch, device = src_ids.size(0), src_ids.device
+    k = beam_size
+    memory, state = model.encode(src_ids, src_lens)
+    # Every sentence gets k rows; the encoder output (and attention keys) are expanded once.
+    rows = torch.arange(batch, device=device).repeat_interleave(k)  # (batch * k,)
+    memory, state = memory.index_select(rows), state.index_select(rows)
+    limits = max_lengths(src_lens, max_len_a, max_len_b).to(device)  # (batch,)
+    row_limits = limits.repeat_interleave(k)
+
+    # Only the first row of each beam is live at the start, or the k rows would be k copies.
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    prev = bos_column(batch * k, device)
+    history = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # tokens so far
+    attn_history = None  # (batch * k, steps, src_len)
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    batch_offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (batch, 1)
+
+    for step in range(int(limits.max())):
+        logits, state, attn = model.decode_step(prev, state, memory)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (batch * k, vocab)
+        at_limit = row_limits <= step + 1
+        if bool(at_limit.any()):
+            log_probs[at_limit] = _only_eos(log_probs[at_limit])
+        vocab = log_probs.size(-1)
+        candidates = (scores.view(-1, 1) + log_probs).view(batch, k * vocab)
+        # 2k candidates: even if k of them end in EOS, k live ones remain to fill the beam.
+        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # (batch, 2k)
+        origin = top_index // vocab  # which beam row each candidate extends
+        token = top_index % vocab
+        if attn is not None:
+            step_attn = attn.unsqueeze(1)
+            attn_history = step_attn if attn_history is None else torch.cat([attn_history, step_attn], 1)
+
+        # Candidates ending in EOS among the top k finish (unless the sentence is already done).
+        is_eos = (token == EOS_ID) & torch.isfinite(top_scores)
+        finishing = is_eos.clone()
+        finishing[:, k:] = False
+        finishing &= ~done.unsqueeze(1)
+        for sent, cand in finishing.nonzero().tolist():
+            if len(finished[sent]) >= k:
+                continue
+            source_row = int(batch_offsets[sent, 0] + origin[sent, cand])
+            raw = float(top_scores[sent, cand])
+            length = step + 1
+            hyp_attn = None
+            if attn_history is not None:
+                hyp_attn = attn_history[source_row, :, : int(src_lens[sent])].cpu()
+            finished[sent].append(Hypothesis(
+                history[source_row].tolist(),
+                normalise(raw, length, length_penalty, alpha), raw, hyp_attn,
+            ))
+        done |= torch.tensor([len(f) >= k for f in finished], device=device)
+        done |= limits <= step + 1  # a sentence at its length limit has finished all it can
+        if bool(done.all()):
+            break
+
+        # Refill each beam with its k best candidates that did not end in EOS.
+        live_scores = top_scores.masked_fill(is_eos, float("-inf"))
+        scores, pick = live_scores.topk(k, dim=1)  # (batch, k)
+        source_rows = (batch_offsets + origin.gather(1, pick)).view(-1)
+        prev = token.gather(1, pick).view(-1)
+        history = torch.cat([history.index_select(0, source_rows), prev.unsqueeze(1)], dim=1)
+        if attn_history is not None:
+            attn_history = attn_history.index_select(0, source_rows)
+        state = state.index_select(source_rows)
+        scores = scores.masked_fill(done.unsqueeze(1), float("-inf"))
+
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+
+
+def search_corpus(model: Seq2Seq, src_seqs: list, device, beam_size: int = 1, batch_size: int = 64,
+                  max_len_a: float = 1.5, max_len_b: int = 10, length_penalty: str = "gnmt",
+                  alpha: float = 0.6, nbest: int = 1) -> list[list[Hypothesis]]:
+    """Decode many sentences (lists of source ids) in length-sorted batches, in input order.
+
+    Beam size 1 is greedy search. An empty source gives an empty hypothesis without decoding.
+    """
+    import numpy as np
+
+    from nmt.batches import pad, sentence_batches
+
+    results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0, None)] for _ in src_seqs]
+    lengths = np.array([len(s) for s in src_seqs], dtype=np.int64)
+    non_empty = np.flatnonzero(lengths > 0)
+    was_training = model.training
+    model.eval()
+    for batch in sentence_batches(lengths[non_empty], batch_size):
+        indices = non_empty[batch]
+        src_ids, src_lens = pad([src_seqs[i] for i in indices])
+        src_ids, src_lens = src_ids.to(device), src_lens.to(device)
+        if beam_size == 1:
+            hyps = [[h] for h in greedy_search(model, src_ids, src_lens, max_len_a, max_len_b,
+                                               length_penalty, alpha)]
+        else:
+            hyps = beam_search(model, src_ids, src_lens, beam_size, max_len_a, max_len_b,
+                               length_penalty, alpha, nbest)
+        for i, h in zip(indices, hyps):
+            results[i] = h
+    model.train(was_training)
+    return results

@@ -1,0 +1,303 @@
+"""The training loop: token batches, Adam, clipping, validation BLEU, early stopping, resume.
+
+`train(config, exp_dir)` trains the model of a recipe into exp_dir/model/. If last.pt is there it
+resumes exactly where that run stopped: same parameters, optimizer, scheduler, RNG streams and
+position in the epoch, so an interrupted and resumed run ends with the same parameters as an
+uninterrupted one. Ctrl-C or SIGTERM finishes the current update, writes last.pt and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nmt.batches import Batch, collate, token_batches
+from nmt.checkpoint import load_checkpoint, load_state, save_checkpoint
+from nmt.config import Config, config_to_dict, save_config
+from nmt.errors import NmtError
+from nmt.evaluate import score
+from nmt.io import read_lines, versions, write_json
+from nmt.model import Seq2Seq, build_model
+from nmt.search import search_corpus
+from nmt.subword import PAD_ID, EncodedSplit, Subwords
+from nmt.translate import resolve_device
+
+LOG_EVERY = 20  # updates between train records in metrics.jsonl
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already trained on
+    best_bleu: float = -1.0
+    best_step: int = 0
+    bad_validations: int = 0  # validations since the best one (early stopping)
+    train_seconds: float = 0.0
+    tokens: int = 0  # target tokens trained on
+    validated_step: int = 0  # the last step that was validated
+
+
+def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy per real target token. The vocabulary projection runs once over the
+    non-pad positions of the whole batch, not once per decoder step."""
+    outputs, _ = model(batch.src_ids, batch.src_lens, batch.tgt_in)  # (batch, tgt_len, output)
+    real = batch.tgt_out != PAD_ID
+    logits = model.decoder.logits(outputs[real])  # (tokens, vocab)
+    loss = F.cross_entropy(logits.float(), batch.tgt_out[real], label_smoothing=label_smoothing)
+    return loss, int(real.sum())
+
+
+def build_scheduler(config: Config, optimizer):
+    t = config.train
+    if t.schedule == "plateau":  # on validation BLEU: higher is better
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=t.plateau_factor, patience=t.plateau_patience, min_lr=t.min_lr)
+    if t.schedule == "warmup":  # linear warmup, then inverse square root decay
+        warmup = max(1, t.warmup_steps)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min((step + 1) / warmup, math.sqrt(warmup / (step + 1))))
+    return None
+
+
+class Trainer:
+    """Owns the model, optimizer, data and progress of one experiment."""
+
+    def __init__(self, config: Config, exp_dir: Path):
+        self.config, self.exp_dir = config, exp_dir
+        self.out = exp_dir / "model"
+        spm_dir = exp_dir / "spm"
+        manifest_path = spm_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise NmtError(f"{manifest_path} not found: run `nmt spm {config.name}` first")
+        self.manifest = json.loads(manifest_path.read_text())
+        t = config.train
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+
+        self.spm_paths = {side: spm_dir / self.manifest["models"][side] for side in ("src", "tgt")}
+        self.subwords = Subwords.load(self.spm_paths["src"], self.spm_paths["tgt"])
+        self.train_split = EncodedSplit.load(spm_dir / "train.npz")
+        self.valid_split = EncodedSplit.load(spm_dir / "valid.npz")
+        self.valid_refs = read_lines(exp_dir / "data" / "valid.tgt")
+        vocab = self.manifest["vocab_size"]
+        self.model = build_model(config.model, vocab["src"], vocab["tgt"]).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=tuple(t.betas),
+                                          weight_decay=t.weight_decay)
+        self.scheduler = build_scheduler(config, self.optimizer)
+        self.progress = Progress()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def payload(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "progress": asdict(self.progress),
+            "config": config_to_dict(self.config),
+            "spm": {side: path.read_bytes() for side, path in self.spm_paths.items()},
+            "vocab_size": self.manifest["vocab_size"],
+            "num_parameters": self.model.num_parameters(),
+            "versions": versions(),
+        }
+
+    def save(self, name: str) -> None:
+        save_checkpoint(self.out / name, self.payload())
+
+    def resume(self, path: Path) -> None:
+        payload = load_checkpoint(path)
+        if payload["config"]["model"] != config_to_dict(self.config)["model"]:
+            raise NmtError(
+                f"{path}: was trained with a different model section; use another --exp directory "
+                "or remove it to start afresh"
+            )
+        load_state(self.model, payload["model"], path)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None and payload["scheduler"] is not None:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        random.setstate(_as_tuple(payload["rng"]["python"]))
+        self.progress = Progress(**payload["progress"])
+
+    # -- validation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.model.eval()
+        total_loss, total_tokens = 0.0, 0
+        for indices in token_batches(self.valid_split, self.config.train.batch_tokens, 0, 0, shuffle=False):
+            batch = collate(self.valid_split, indices).to(self.device)
+            loss, tokens = batch_loss(self.model, batch)
+            total_loss += float(loss) * tokens
+            total_tokens += tokens
+        decode = self.config.decode
+        src_seqs = [self.valid_split.src(i).tolist() for i in range(len(self.valid_split))]
+        hyps = search_corpus(self.model, src_seqs, self.device, beam_size=1,
+                             batch_size=decode.batch_size, max_len_a=decode.max_len_a,
+                             max_len_b=decode.max_len_b)
+        texts = self.subwords.decode_tgt([h[0].tokens for h in hyps])
+        self.model.train()
+        valid_loss = total_loss / max(1, total_tokens)
+        return {"valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0)),
+                "valid_bleu": score(texts, [self.valid_refs])["bleu"]}
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def train(config: Config, exp_dir: Path) -> dict:
+    trainer = Trainer(config, exp_dir)
+    out = trainer.out
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "summary.json"
+    metrics_path = out / "metrics.jsonl"
+    if (out / "last.pt").is_file():
+        trainer.resume(out / "last.pt")
+        print(f"resuming from {out / 'last.pt'} at step {trainer.progress.step}")
+        _truncate_metrics(metrics_path, trainer.progress.step)
+    else:
+        metrics_path.unlink(missing_ok=True)
+    summary_path.unlink(missing_ok=True)  # summary.json marks a finished run (make's target)
+    save_config(config, out / "config.yaml")
+    print(f"model: {trainer.model.num_parameters():,} parameters ({config.model.cell}, "
+          f"attention {config.model.attention}); device {trainer.device}, "
+          f"{torch.get_num_threads()} threads")
+
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop["signal"] = signum
+
+    handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        finished = _loop(trainer, metrics_path, stop)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if not finished:
+        raise NmtError(f"interrupted at step {trainer.progress.step}; saved {out / 'last.pt'}: "
+                       f"run `nmt train {config.name}` again to resume")
+    p = trainer.progress
+    summary = {
+        "steps": p.step, "epochs": p.epoch, "best_valid_bleu": p.best_bleu, "best_step": p.best_step,
+        "train_seconds": p.train_seconds, "target_tokens": p.tokens,
+        "tokens_per_second": p.tokens / max(p.train_seconds, 1e-9),
+        "num_parameters": trainer.model.num_parameters(), "config": config_to_dict(config),
+        "versions": versions(),
+    }
+    write_json(summary_path, summary)
+    return summary
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint we resume from: they will be redone."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _loop(trainer: Trainer, metrics_path: Path, stop: dict) -> bool:
+    """Train until max_epochs/max_steps/early stopping (True) or a stop signal (False)."""
+    t, p = trainer.config.train, trainer.progress
+    model, optimizer = trainer.model, trainer.optimizer
+    model.train()
+    metrics = open(metrics_path, "a", encoding="utf-8")
+    window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
+    # A resumed run that had already stopped early or reached max_steps stays stopped.
+    done = bool((t.patience > 0 and p.bad_validations >= t.patience)
+                or (t.max_steps and p.step >= t.max_steps))
+    while p.epoch < t.max_epochs and not done:
+        batches = token_batches(trainer.train_split, t.batch_tokens, t.seed, p.epoch, t.max_len)
+        bar = tqdm(total=len(batches), initial=p.batch_in_epoch, desc=f"epoch {p.epoch + 1}",
+                   unit="batch", dynamic_ncols=True, leave=False)
+        while p.batch_in_epoch < len(batches):
+            started = time.perf_counter()
+            batch = collate(trainer.train_split, batches[p.batch_in_epoch]).to(trainer.device)
+            loss, tokens = batch_loss(model, batch, t.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
+            optimizer.step()
+            if trainer.config.train.schedule == "warmup":
+                trainer.scheduler.step()
+            p.step += 1
+            p.batch_in_epoch += 1
+            p.tokens += tokens
+            step_seconds = time.perf_counter() - started
+            p.train_seconds += step_seconds
+            window_seconds += step_seconds
+            window_loss += float(loss.detach()) * tokens
+            window_tokens += tokens
+            bar.update(1)
+            lr = optimizer.param_groups[0]["lr"]
+            if p.step % LOG_EVERY == 0:
+                record = {"step": p.step, "epoch": p.epoch + 1, "train_loss": window_loss / window_tokens,
+                          "lr": lr, "tokens_per_s": window_tokens / window_seconds, "elapsed": p.train_seconds}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                lr=f"{lr:.2g}", step=p.step)
+                window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
+            if p.step % t.valid_every == 0:
+                done = _validate(trainer, metrics)
+            if t.max_steps and p.step >= t.max_steps:
+                done = True
+            if p.step % t.checkpoint_every == 0 or done or stop["signal"] is not None:
+                trainer.save("last.pt")
+            if done or stop["signal"] is not None:
+                break
+        bar.close()
+        if stop["signal"] is not None:
+            metrics.close()
+            return False
+        if p.batch_in_epoch >= len(batches):
+            p.epoch += 1
+            p.batch_in_epoch = 0
+    if p.validated_step != p.step:  # the last updates were not validated yet
+        _validate(trainer, metrics)
+    trainer.save("last.pt")
+    metrics.close()
+    return True
+
+
+def _validate(trainer: Trainer, metrics) -> bool:
+    """Validate, keep best.pt, step the plateau schedule; True when early stopping says stop."""
+    t, p = trainer.config.train, trainer.progress
+    started = time.perf_counter()
+    result = trainer.validate()
+    p.validated_step = p.step
+    improved = result["valid_bleu"] > p.best_bleu
+    if improved:
+        p.best_bleu, p.best_step, p.bad_validations = result["valid_bleu"], p.step, 0
+    else:
+        p.bad_validations += 1
+    if isinstance(trainer.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        trainer.scheduler.step(result["valid_bleu"])
+    if improved:
+        trainer.save("best.pt")
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    record = {"step": p.step, "epoch": p.epoch + 1, **result, "lr": lr, "elapsed": p.train_seconds,
+              "valid_seconds": time.perf_counter() - started}
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    tqdm.write(f"step {p.step}: valid loss {result['valid_loss']:.3f} ppl {result['valid_ppl']:.1f} "
+               f"BLEU {result['valid_bleu']:.2f}{' (best)' if improved else ''} lr {lr:.2g}")
+    return t.patience > 0 and p.bad_validations >= t.patience
+

@@ -1,0 +1,129 @@
+"""Translator: a checkpoint and its SentencePiece models → ordered, streamed translation."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from nmt.checkpoint import load_checkpoint, load_state
+from nmt.config import DecodeConfig, config_from_dict
+from nmt.errors import NmtError
+from nmt.model import build_model
+from nmt.search import Hypothesis, search_corpus
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NmtError(f"device '{name}' requested but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise NmtError(f"unknown device '{name}'") from None
+
+
+def processor_from_bytes(blob: bytes, path: Path) -> spm.SentencePieceProcessor:
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(blob)
+    except (RuntimeError, TypeError) as err:
+        raise NmtError(f"{path}: its SentencePiece model is corrupt ({err})") from None
+    return processor
+
+
+class Translator:
+    """Owns a model in eval mode and the SentencePiece models it was trained with."""
+
+    def __init__(self, payload: dict, path: Path, device: str = "cpu"):
+        self.path = path
+        self.config = config_from_dict(payload["config"], source=str(path))
+        self.step = payload.get("progress", {}).get("step")
+        self.device = resolve_device(device)
+        self.src_spm = processor_from_bytes(payload["spm"]["src"], path)
+        self.tgt_spm = processor_from_bytes(payload["spm"]["tgt"], path)
+        vocab = payload["vocab_size"]
+        if (self.src_spm.get_piece_size(), self.tgt_spm.get_piece_size()) != (vocab["src"], vocab["tgt"]):
+            raise NmtError(f"{path}: SentencePiece models do not match the model's vocabulary")
+        self.model = build_model(self.config.model, vocab["src"], vocab["tgt"])
+        load_state(self.model, payload["model"], path)
+        self.model.to(self.device).eval()
+
+    @classmethod
+    def from_path(cls, path: Path, device: str = "cpu") -> Translator:
+        payload = load_checkpoint(Path(path))
+        from nmt.checkpoint import find_checkpoint
+
+        resolved = find_checkpoint(Path(path)) if Path(path).is_dir() else Path(path)
+        return cls(payload, resolved, device)
+
+    def search(self, lines: list[str], beam_size: int | None = None, batch_size: int | None = None,
+               nbest: int = 1, decode: DecodeConfig | None = None) -> list[list[Hypothesis]]:
+        decode = decode or self.config.decode
+        src_seqs = self.src_spm.encode(lines)
+        return search_corpus(
+            self.model, src_seqs, self.device, beam_size=beam_size or decode.beam_size,
+            batch_size=batch_size or decode.batch_size, max_len_a=decode.max_len_a,
+            max_len_b=decode.max_len_b, length_penalty=decode.length_penalty, alpha=decode.alpha,
+            nbest=nbest,
+        )
+
+    def detokenize(self, hyp: Hypothesis) -> str:
+        return self.tgt_spm.decode(hyp.tokens)
+
+    def translate(self, lines: list[str], beam_size: int | None = None,
+                  batch_size: int | None = None) -> list[str]:
+        return [self.detokenize(h[0]) for h in self.search(lines, beam_size, batch_size)]
+
+
+def _read_chunks(stream, size: int, name: str):
+    """Yield lists of decoded lines, `size` at a time, naming the line of any invalid UTF-8."""
+    chunk, number = [], 0
+    for raw in stream:
+        number += 1
+        try:
+            chunk.append(raw.decode("utf-8").rstrip("\r\n"))
+        except UnicodeDecodeError as err:
+            raise NmtError(f"{name}:{number}: invalid UTF-8 ({err.reason} at byte {err.start})") from None
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def translate_stream(model: Path, input_path: Path | None, output_path: Path | None,
+                     beam_size: int | None, batch_size: int | None, nbest: int = 1,
+                     alignments: bool = False, device: str = "cpu") -> None:
+    """Translate line by line; output starts after the first chunk, in input order."""
+    translator = Translator.from_path(model, device)
+    batch_size = batch_size or translator.config.decode.batch_size
+    chunk_size = batch_size * 8  # enough to sort by length, small enough to stream
+    source = open(input_path, "rb") if input_path else sys.stdin.buffer
+    name = str(input_path) if input_path else "<stdin>"
+    if output_path:
+        from nmt.io import atomic_output
+        sink_context = atomic_output(output_path)
+    else:
+        import contextlib
+        sink_context = contextlib.nullcontext(sys.stdout)
+    with source, sink_context as sink:
+        for lines in _read_chunks(source, chunk_size, name):
+            for hyps in translator.search(lines, beam_size, batch_size, nbest=nbest):
+                sink.write(_format(translator, hyps, nbest, alignments) + "\n")
+            sink.flush()
+
+
+def _format(translator: Translator, hyps: list[Hypothesis], nbest: int, alignments: bool) -> str:
+    fields = []
+    for hyp in hyps[:nbest]:
+        text = translator.detokenize(hyp)
+        if nbest > 1:
+            text = f"{text}\t{hyp.score:.4f}"
+        if alignments and hyp.attention is not None:
+            text += "\t" + " ".join(f"{int(a.argmax())}-{j}" for j, a in enumerate(hyp.attention[:-1]))
+        fields.append(text)
+    return "\t".join(fields) if nbest > 1 else fields[0]
