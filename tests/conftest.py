@@ -1,0 +1,62 @@
+"""Shared fixtures: a small slice of the shared Multi30k mirror, and a tiny trained experiment."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("NMT_TEST_DATA", ROOT.parent / "shared" / "data"))
+
+
+def write_gz(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in lines)
+
+
+def read_gz(path: Path, n: int) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [next(f).rstrip("\n") for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def mirror(tmp_path_factory) -> Path:
+    """A mirror laid out like ../shared/data holding a slice of Multi30k (500 training pairs)."""
+    source = SHARED_DATA / "multi30k"
+    if not source.is_dir():
+        pytest.fail(f"{source} not found: tests need the shared corpora (set NMT_TEST_DATA)")
+    root = tmp_path_factory.mktemp("mirror")
+    sizes = {"train": 500, "val": 100, "test_2016_flickr": 100, "test_2017_flickr": 50}
+    for split, n in sizes.items():
+        for lang in ("en", "de"):
+            write_gz(root / "multi30k" / f"{split}.{lang}.gz", read_gz(source / f"{split}.{lang}.gz", n))
+    return root
+
+
+TINY_OVERRIDES = [
+    "subword.vocab_size=200",
+    "model.embed_size=32", "model.hidden_size=32", "model.decoder_size=48",
+    "model.attention_size=32", "model.output_size=32", "model.dropout=0.1",
+    "train.batch_tokens=600", "train.max_steps=12", "train.valid_every=6",
+    "train.checkpoint_every=4", "train.threads=1", "train.seed=3",
+    "decode.batch_size=32", "decode.beam_size=3",
+]
+
+
+@pytest.fixture
+def tiny_exp(mirror, tmp_path, monkeypatch):
+    """A real experiment on the mirror slice, through the data and spm stages (not trained)."""
+    from nmt.config import load_recipe
+    from nmt.corpus import run_data_stage
+    from nmt.subword import run_spm_stage
+
+    monkeypatch.setenv("NMT_DATA_MIRROR", str(mirror))
+    config = load_recipe("de-en", TINY_OVERRIDES)
+    exp = tmp_path / "exp"
+    run_data_stage(config, exp)
+    run_spm_stage(config, exp)
+    return config, exp

@@ -1,0 +1,144 @@
+"""Recipes: strict keys, types, values, extends and overrides; one-line errors from the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from nmt.cli import main
+from nmt.config import RECIPES_DIR, config_from_dict, config_to_dict, load_recipe
+from nmt.errors import ConfigError
+
+MINIMAL = """
+data:
+  src_lang: en
+  tgt_lang: de
+  train: [{corpus: c, split: train}]
+  valid: {corpus: c, split: val}
+  test: {test: {corpus: c, split: test}}
+"""
+
+
+def write_recipe(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(path, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(str(path), list(overrides))
+    return str(info.value)
+
+
+def test_every_shipped_recipe_loads():
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    assert {"en-de", "de-en", "en-de-fixed", "de-en-fixed"} <= set(names)
+    for name in names:
+        config = load_recipe(name)
+        assert config.name == name
+
+
+def test_minimal_recipe_takes_defaults(tmp_path):
+    config = load_recipe(str(write_recipe(tmp_path, MINIMAL)))
+    assert config.model.attention == "bahdanau" and config.train.batch_tokens > 0
+    assert config.name == "r"
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path):
+    path = write_recipe(tmp_path, MINIMAL + "model:\n  hiden_size: 64\n")
+    message = error_of(path)
+    assert str(path) in message and "model.hiden_size" in message and "did you mean 'hidden_size'" in message
+
+
+def test_unknown_section(tmp_path):
+    message = error_of(write_recipe(tmp_path, MINIMAL + "modle: {}\n"))
+    assert "modle" in message and "did you mean 'model'" in message
+
+
+def test_wrong_type(tmp_path):
+    message = error_of(write_recipe(tmp_path, MINIMAL + "model:\n  hidden_size: big\n"))
+    assert "model.hidden_size" in message and "integer" in message
+
+
+def test_bool_is_not_an_int(tmp_path):
+    assert "model.enc_layers" in error_of(write_recipe(tmp_path, MINIMAL + "model:\n  enc_layers: true\n"))
+
+
+def test_missing_required_key(tmp_path):
+    message = error_of(write_recipe(tmp_path, MINIMAL.replace("  src_lang: en\n", "")))
+    assert "data.src_lang" in message and "missing" in message
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.hidden_size=-3", "model.hidden_size"),
+    ("model.attention=bahdanu", "model.attention"),
+    ("model.dropout=1.5", "model.dropout"),
+    ("data.tgt_lang=en", "data.tgt_lang"),
+    ("model.cell=transformer", "model.cell"),
+])
+def test_impossible_values(tmp_path, override, key):
+    assert key in error_of(write_recipe(tmp_path, MINIMAL), [override])
+
+
+def test_attention_typo_suggests(tmp_path):
+    assert "did you mean 'bahdanau'" in error_of(write_recipe(tmp_path, MINIMAL), ["model.attention=bahdanu"])
+
+
+def test_luong_dot_needs_matching_sizes(tmp_path):
+    message = error_of(write_recipe(tmp_path, MINIMAL), ["model.attention=luong-dot", "model.decoder_size=100"])
+    assert "luong-dot" in message
+
+
+def test_extends_gives_the_fixed_context_twin():
+    base, twin = load_recipe("en-de"), load_recipe("en-de-fixed")
+    assert twin.model.attention == "none" and base.model.attention == "bahdanau"
+    # Everything but attention (and the name) is the same, so the two differ only in attention.
+    assert dataclasses.replace(twin.model, attention="bahdanau") == base.model
+    assert (twin.data, twin.train, twin.decode, twin.subword) == (base.data, base.train, base.decode, base.subword)
+    assert twin.name == "en-de-fixed"
+
+
+def test_de_en_reverses_languages():
+    config = load_recipe("de-en")
+    assert (config.data.src_lang, config.data.tgt_lang) == ("de", "en")
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_recipe("en-de", ["model.hidden_size=64", "train.betas=[0.8, 0.9]",
+                                   "data.train.0.split=other", "model.attention=luong-general"])
+    assert config.model.hidden_size == 64 and config.train.betas == [0.8, 0.9]
+    assert config.data.train[0].split == "other" and config.model.attention == "luong-general"
+    with pytest.raises(ConfigError, match="train.max_epochs"):
+        load_recipe("en-de", ["train.max_epochs=three"])
+    with pytest.raises(ConfigError, match="no such list item"):
+        load_recipe("en-de", ["data.train.5.split=x"])
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    write_recipe(tmp_path, "extends: b.yaml\n", "a.yaml")
+    write_recipe(tmp_path, "extends: a.yaml\n", "b.yaml")
+    assert "cycle" in error_of(tmp_path / "a.yaml")
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    message = error_of(write_recipe(tmp_path, MINIMAL + "model: [unclosed\n"))
+    assert "invalid YAML" in message and "line" in message
+
+
+def test_resolved_config_round_trips():
+    config = load_recipe("de-en-fixed", ["train.seed=7"])
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_unknown_recipe_name_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'en-de'"):
+        load_recipe("en-dee")
+
+
+def test_cli_bad_value_is_one_line_exit_2(tmp_path, capsys):
+    status = main(["data", "en-de", "--exp", str(tmp_path), "--set", "model.hidden_size=-1"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and "model.hidden_size" in err and "Traceback" not in err
