@@ -111,6 +111,7 @@ class DecodeConfig:
     alpha: float = 0.6  # GNMT length-penalty exponent
     max_len_a: float = 1.5  # max output length = a * source length + b
     max_len_b: int = 10
+    max_src_len: int = 250  # longer inputs are cut to this many subwords (with a warning)
 
 
 @dataclass
@@ -362,6 +363,7 @@ def validate(config: Config, source: str) -> None:
         "train.max_len": config.train.max_len,
         "decode.beam_size": config.decode.beam_size,
         "decode.batch_size": config.decode.batch_size,
+        "decode.max_src_len": config.decode.max_src_len,
         "data.clean.max_tokens": config.data.clean.max_tokens,
         "data.clean.max_ratio": config.data.clean.max_ratio,
         "data.clean.max_chars": config.data.clean.max_chars,

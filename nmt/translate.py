@@ -8,6 +8,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from nmt.align import hard_alignment, merge_attention
 from nmt.checkpoint import load_checkpoint, load_state
 from nmt.config import DecodeConfig, config_from_dict
 from nmt.errors import NmtError
@@ -64,6 +65,11 @@ class Translator:
                nbest: int = 1, decode: DecodeConfig | None = None) -> list[list[Hypothesis]]:
         decode = decode or self.config.decode
         src_seqs = self.src_spm.encode(lines)
+        for i, seq in enumerate(src_seqs):
+            if len(seq) > decode.max_src_len:
+                print(f"nmt: warning: input line of {len(seq)} subwords cut to {decode.max_src_len} "
+                      "(decode.max_src_len)", file=sys.stderr)
+                src_seqs[i] = seq[: decode.max_src_len]
         return search_corpus(
             self.model, src_seqs, self.device, beam_size=beam_size or decode.beam_size,
             batch_size=batch_size or decode.batch_size, max_len_a=decode.max_len_a,
@@ -73,6 +79,14 @@ class Translator:
 
     def detokenize(self, hyp: Hypothesis) -> str:
         return self.tgt_spm.decode(hyp.tokens)
+
+    def word_alignment(self, source: str, hyp: Hypothesis) -> str:
+        """Hard word alignment from the hypothesis' attention ('' without attention or words)."""
+        if hyp.attention is None or not hyp.tokens:
+            return ""
+        src_pieces = self.src_spm.encode(source, out_type=str)
+        tgt_pieces = [self.tgt_spm.id_to_piece(t) for t in hyp.tokens]
+        return hard_alignment(merge_attention(hyp.attention[:-1], src_pieces, tgt_pieces))
 
     def translate(self, lines: list[str], beam_size: int | None = None,
                   batch_size: int | None = None) -> list[str]:
@@ -99,8 +113,14 @@ def translate_stream(model: Path, input_path: Path | None, output_path: Path | N
                      beam_size: int | None, batch_size: int | None, nbest: int = 1,
                      alignments: bool = False, device: str = "cpu") -> None:
     """Translate line by line; output starts after the first chunk, in input order."""
+    if beam_size is not None and beam_size < 1:
+        raise NmtError(f"--beam must be at least 1, got {beam_size}")
+    if batch_size is not None and batch_size < 1:
+        raise NmtError(f"--batch-size must be at least 1, got {batch_size}")
     translator = Translator.from_path(model, device)
     batch_size = batch_size or translator.config.decode.batch_size
+    if nbest < 1 or nbest > (beam_size or translator.config.decode.beam_size):
+        raise NmtError(f"--nbest must be between 1 and the beam size, got {nbest}")
     chunk_size = batch_size * 8  # enough to sort by length, small enough to stream
     source = open(input_path, "rb") if input_path else sys.stdin.buffer
     name = str(input_path) if input_path else "<stdin>"
@@ -112,18 +132,20 @@ def translate_stream(model: Path, input_path: Path | None, output_path: Path | N
         sink_context = contextlib.nullcontext(sys.stdout)
     with source, sink_context as sink:
         for lines in _read_chunks(source, chunk_size, name):
-            for hyps in translator.search(lines, beam_size, batch_size, nbest=nbest):
-                sink.write(_format(translator, hyps, nbest, alignments) + "\n")
+            for line, hyps in zip(lines, translator.search(lines, beam_size, batch_size, nbest=nbest)):
+                sink.write(_format(translator, line, hyps, nbest, alignments) + "\n")
             sink.flush()
 
 
-def _format(translator: Translator, hyps: list[Hypothesis], nbest: int, alignments: bool) -> str:
+def _format(translator: Translator, source: str, hyps: list[Hypothesis], nbest: int,
+            alignments: bool) -> str:
+    """One output line: the translation; with --nbest K, K (translation, score) fields; with
+    --alignments, each translation followed by its word alignment (src-tgt, 0-based)."""
     fields = []
     for hyp in hyps[:nbest]:
-        text = translator.detokenize(hyp)
+        fields.append(translator.detokenize(hyp))
         if nbest > 1:
-            text = f"{text}\t{hyp.score:.4f}"
-        if alignments and hyp.attention is not None:
-            text += "\t" + " ".join(f"{int(a.argmax())}-{j}" for j, a in enumerate(hyp.attention[:-1]))
-        fields.append(text)
-    return "\t".join(fields) if nbest > 1 else fields[0]
+            fields.append(f"{hyp.score:.4f}")
+        if alignments:
+            fields.append(translator.word_alignment(source, hyp))
+    return "\t".join(fields)

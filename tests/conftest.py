@@ -60,3 +60,27 @@ def tiny_exp(mirror, tmp_path, monkeypatch):
     run_data_stage(config, exp)
     run_spm_stage(config, exp)
     return config, exp
+
+
+@pytest.fixture(scope="session")
+def trained_exp(mirror, tmp_path_factory):
+    """A tiny model really trained (a few steps) on the mirror slice: for translate/evaluate."""
+    from nmt.config import load_recipe
+    from nmt.corpus import run_data_stage
+    from nmt.subword import run_spm_stage
+    from nmt.train import train
+
+    previous = os.environ.get("NMT_DATA_MIRROR")
+    os.environ["NMT_DATA_MIRROR"] = str(mirror)
+    try:
+        config = load_recipe("de-en", TINY_OVERRIDES)
+        exp = tmp_path_factory.mktemp("trained") / "exp"
+        run_data_stage(config, exp)
+        run_spm_stage(config, exp)
+        train(config, exp)
+    finally:
+        if previous is None:
+            os.environ.pop("NMT_DATA_MIRROR")
+        else:
+            os.environ["NMT_DATA_MIRROR"] = previous
+    return config, exp

@@ -14,7 +14,7 @@ from nmt.errors import NmtError
 from nmt.io import read_aligned, read_lines
 from nmt.subword import EncodedSplit, Subwords, run_spm_stage
 
-from .conftest import ROOT, TINY_OVERRIDES, write_gz
+from .conftest import ROOT, write_gz
 
 
 def test_normalize_nfc_whitespace_and_controls():
