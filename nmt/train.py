@@ -110,6 +110,7 @@ class Trainer:
             "progress": asdict(self.progress),
             "config": config_to_dict(self.config),
             "spm": {side: path.read_bytes() for side, path in self.spm_paths.items()},
+            "spm_paths": {side: str(path) for side, path in self.spm_paths.items()},
             "vocab_size": self.manifest["vocab_size"],
             "num_parameters": self.model.num_parameters(),
             "versions": versions(),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
+from tqdm import tqdm
 
 from nmt.align import hard_alignment, merge_attention
 from nmt.checkpoint import load_checkpoint, load_state
@@ -130,11 +131,23 @@ def translate_stream(model: Path, input_path: Path | None, output_path: Path | N
     else:
         import contextlib
         sink_context = contextlib.nullcontext(sys.stdout)
-    with source, sink_context as sink:
+    # A progress bar only when stdout is free for it, i.e. when writing to a file.
+    total = _count_lines(input_path) if input_path and output_path else None
+    progress = tqdm(total=total, unit="sent", disable=output_path is None, file=sys.stderr)
+    with source, sink_context as sink, progress:
         for lines in _read_chunks(source, chunk_size, name):
             for line, hyps in zip(lines, translator.search(lines, beam_size, batch_size, nbest=nbest)):
                 sink.write(_format(translator, line, hyps, nbest, alignments) + "\n")
             sink.flush()
+            progress.update(len(lines))
+
+
+def _count_lines(path: Path) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except OSError as err:
+        raise NmtError(f"{path}: cannot read ({err.strerror})") from None
 
 
 def _format(translator: Translator, source: str, hyps: list[Hypothesis], nbest: int,

@@ -77,7 +77,8 @@ def test_misaligned_mirror_split_is_an_error(mirror, tmp_path, monkeypatch):
         run_data_stage(load_recipe("en-de"), tmp_path / "exp")
 
 
-def test_hub_path_with_a_local_dataset(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", ["iwslt17-en-de", "wmt14-en-de"])
+def test_hub_path_with_a_local_dataset(recipe, tmp_path, monkeypatch):
     """The `datasets` code path, offline: a local dataset dir stands in for a hub id."""
     dataset = tmp_path / "fake-hub" / "iwslt"
     dataset.mkdir(parents=True)
@@ -91,7 +92,7 @@ def test_hub_path_with_a_local_dataset(tmp_path, monkeypatch):
     monkeypatch.setenv("NMT_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    config = load_recipe("iwslt17-en-de", [
+    config = load_recipe(recipe, [
         f"data.train.0.hub={dataset}", "data.train.0.hub_config=null",
         f"data.valid.hub={dataset}", "data.valid.hub_config=null",
         f"data.test.test.hub={dataset}", "data.test.test.hub_config=null",
