@@ -29,13 +29,14 @@ STATS := $(EXP)/data/stats.json
 SPM := $(EXP)/spm/manifest.json
 MODEL := $(EXP)/model/summary.json
 SCORES := $(EXP)/eval/scores.json
+REPORT := $(EXP)/compare/report.md
 
-.PHONY: install test lint data spm train eval help
+.PHONY: install test lint data spm train eval compare help
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make install | test | lint"
-	@echo "make recipe=NAME data | spm | train | eval   [MIRROR=dir] [SET=\"key=value ...\"]"
+	@echo "make recipe=NAME data | spm | train | eval | compare   [MIRROR=dir] [SET=\"key=value ...\"]"
 	@echo "recipes: $(basename $(notdir $(wildcard recipes/*.yaml)))"
 
 $(INSTALLED): pyproject.toml
@@ -65,7 +66,12 @@ $(MODEL): $(SPM) | $(INSTALLED)
 $(SCORES): $(MODEL) | $(INSTALLED)
 	$(NMT) evaluate $(NMT_ARGS)
 
+# Attention versus the fixed-context twin (trained beside $(EXP) as $(EXP)-fixed if needed).
+$(REPORT): $(MODEL) | $(INSTALLED)
+	$(NMT) compare $(NMT_ARGS)
+
 data: $(STATS)
 spm: $(SPM)
 train: $(SCORES)
 eval: $(SCORES)
+compare: $(REPORT)

@@ -83,6 +83,24 @@ def cmd_evaluate(args) -> None:
             print(format_scores(name, scores))
 
 
+def cmd_compare(args) -> None:
+    from nmt.compare import run_compare
+    from nmt.config import load_recipe
+
+    try:
+        edges = [int(x) for x in args.buckets.split(",")]
+    except ValueError:
+        raise NmtError(f"--buckets: expected comma-separated word counts, got '{args.buckets}'") from None
+    if not edges or edges != sorted(set(edges)) or edges[0] <= 0:
+        raise NmtError(f"--buckets: expected increasing positive word counts, got '{args.buckets}'")
+    configs = [load_recipe(recipe, args.overrides) for recipe in args.recipes]
+    first = args.exp if args.exp is not None else Path("exp") / configs[0].name
+    exp_dirs = [first] + [first.parent / c.name for c in configs[1:]]
+    report = run_compare(configs, exp_dirs, edges, heatmaps=args.heatmaps)
+    print(report.read_text())
+    print(f"wrote {report.parent}")
+
+
 def cmd_translate(args) -> None:
     from nmt.translate import translate_stream
 
@@ -118,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=None, help="beam size (default: the recipe's)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="attention model versus its fixed-context twin: report, plots")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE",
+                   help="recipes to compare; the first one's fixed-context twin is added if none is given")
+    p.add_argument("--exp", type=Path, help="experiment directory of the first recipe (default: "
+                   "exp/<recipe>); the others, and the twin (<exp>-fixed), go beside it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key in every recipe compared")
+    p.add_argument("--buckets", default="10,20,30,40", help="source-length bucket edges in words")
+    p.add_argument("--heatmaps", type=int, default=4, help="attention heat maps to draw")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("translate", help="translate raw text line by line")
     p.add_argument("--model", required=True, type=Path, help="experiment directory or checkpoint")

@@ -51,6 +51,7 @@ class DataConfig:
     valid: SplitSource
     test: dict[str, SplitSource]
     clean: CleanConfig = field(default_factory=CleanConfig)
+    bad_lines: str = "error"  # error | skip: training lines with invalid UTF-8 or NUL bytes
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Config:
 
 
 CHOICES = {
+    "data.bad_lines": ("error", "skip"),
     "subword.model_type": ("unigram", "bpe"),
     "model.cell": ("gru", "lstm", "rnn"),
     "model.attention": ("bahdanau", "luong-dot", "luong-general", "none"),

@@ -42,17 +42,18 @@ def _find(root: Path, source: SplitSource, lang: str) -> Path | None:
     return None
 
 
-def fetch_split(source: SplitSource, src_lang: str, tgt_lang: str, key: str):
-    """Both sides of one split as lists of lines, plus a description of where they came from."""
+def fetch_split(source: SplitSource, src_lang: str, tgt_lang: str, key: str, skip_bad: bool = False):
+    """Both sides of one split, the number of pairs dropped for invalid text (only with skip_bad),
+    and a description of where they came from."""
     if source.src_file is not None:
         src_path, tgt_path = Path(source.src_file), Path(source.tgt_file)
-        return (*read_aligned(src_path, tgt_path), f"files {src_path}, {tgt_path}")
+        return (*read_aligned(src_path, tgt_path, skip_bad), f"files {src_path}, {tgt_path}")
     mirror = mirror_dir()
     roots = [mirror] if mirror is not None else [data_dir()]
     for root in roots:
         src_path, tgt_path = _find(root, source, src_lang), _find(root, source, tgt_lang)
         if src_path and tgt_path:
-            return (*read_aligned(src_path, tgt_path), f"{root}/{source.corpus}/{source.split}")
+            return (*read_aligned(src_path, tgt_path, skip_bad), f"{root}/{source.corpus}/{source.split}")
     if mirror is not None:
         raise NmtError(
             f"{key}: NMT_DATA_MIRROR={mirror} has no {source.corpus}/{source.split}."
@@ -65,7 +66,7 @@ def fetch_split(source: SplitSource, src_lang: str, tgt_lang: str, key: str):
         )
     download_from_hub(source, (src_lang, tgt_lang), data_dir(), key)
     src_path, tgt_path = _find(data_dir(), source, src_lang), _find(data_dir(), source, tgt_lang)
-    return (*read_aligned(src_path, tgt_path), f"hub {source.hub} ({source.hub_config})")
+    return (*read_aligned(src_path, tgt_path, skip_bad), f"hub {source.hub} ({source.hub_config})")
 
 
 def download_from_hub(source: SplitSource, langs: tuple[str, str], root: Path, key: str) -> None:
@@ -113,13 +114,17 @@ def run_data_stage(config: Config, exp_dir: Path) -> dict:
     data = config.data
     langs = (data.src_lang, data.tgt_lang)
 
-    train_src, train_tgt, sources = [], [], []
+    train_src, train_tgt, sources, invalid = [], [], [], 0
     for i, source in enumerate(data.train):
-        src, tgt, where = fetch_split(source, *langs, key=f"data.train.{i}")
+        src, tgt, bad, where = fetch_split(source, *langs, f"data.train.{i}", data.bad_lines == "skip")
         train_src += src
         train_tgt += tgt
+        invalid += bad
         sources.append(where)
     kept_src, kept_tgt, train_stats = clean_pairs(train_src, train_tgt, data.clean)
+    if invalid:
+        train_stats["pairs_in"] += invalid
+        train_stats["dropped"]["invalid_text"] = invalid
     if not kept_src:
         raise NmtError(f"data.train: no training pairs left after cleaning ({train_stats})")
     write_lines(out / "train.src", kept_src)
@@ -130,7 +135,7 @@ def run_data_stage(config: Config, exp_dir: Path) -> dict:
     held_out = {"valid": (data.valid, "data.valid")}
     held_out.update({name: (src, f"data.test.{name}") for name, src in data.test.items()})
     for name, (source, key) in held_out.items():
-        src, tgt, where = fetch_split(source, *langs, key=key)
+        src, tgt, _, where = fetch_split(source, *langs, key)
         if not src:
             raise NmtError(f"{key}: {where} is empty")
         write_lines(out / f"{name}.src", src)

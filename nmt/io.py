@@ -57,41 +57,47 @@ def open_text_bytes(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def read_lines(path: str | Path) -> list[str]:
+def read_lines(path: str | Path, skip_bad: bool = False) -> list[str | None]:
     """Read a UTF-8 text file (optionally .gz) as lines without their newline.
 
-    Invalid UTF-8 and NUL bytes are errors that name the file and the line.
+    Invalid UTF-8 and NUL bytes are errors that name the file and the line; with skip_bad such a
+    line becomes None instead, for the caller to drop and count.
     """
     path = Path(path)
     if not path.is_file():
         raise NmtError(f"{path}: file not found")
-    lines = []
+    lines: list[str | None] = []
     try:
         with open_text_bytes(path) as f:
             for number, raw in enumerate(f, start=1):
+                problem = None
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                    if "\x00" in line:
+                        problem = "NUL byte in text"
                 except UnicodeDecodeError as err:
-                    raise NmtError(
-                        f"{path}:{number}: invalid UTF-8 ({err.reason} at byte {err.start})"
-                    ) from None
-                if "\x00" in line:
-                    raise NmtError(f"{path}:{number}: NUL byte in text")
-                lines.append(line.rstrip("\r\n"))
+                    problem = f"invalid UTF-8 ({err.reason} at byte {err.start})"
+                if problem is not None:
+                    if not skip_bad:
+                        raise NmtError(f"{path}:{number}: {problem} (data.bad_lines: skip drops such lines)")
+                    line = None
+                lines.append(line)
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise NmtError(f"{path}: cannot read: {err}") from None
     return lines
 
 
-def read_aligned(src_path: Path, tgt_path: Path) -> tuple[list[str], list[str]]:
-    """Both sides of a parallel corpus; differing line counts are an error, never truncated."""
-    src, tgt = read_lines(src_path), read_lines(tgt_path)
+def read_aligned(src_path: Path, tgt_path: Path, skip_bad: bool = False) -> tuple[list[str], list[str], int]:
+    """Both sides of a parallel corpus and the number of pairs dropped for bad text (skip_bad).
+    Differing line counts are an error, never truncated."""
+    src, tgt = read_lines(src_path, skip_bad), read_lines(tgt_path, skip_bad)
     if len(src) != len(tgt):
         raise NmtError(
             f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}: "
             "the two sides of a corpus must be aligned line by line"
         )
-    return src, tgt
+    pairs = [(s, t) for s, t in zip(src, tgt) if s is not None and t is not None]
+    return [s for s, _ in pairs], [t for _, t in pairs], len(src) - len(pairs)
 
 
 def write_json(path: str | Path, obj) -> None:

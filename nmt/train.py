@@ -8,8 +8,10 @@ uninterrupted one. Ctrl-C or SIGTERM finishes the current update, writes last.pt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -32,6 +34,7 @@ from nmt.subword import PAD_ID, EncodedSplit, Subwords
 from nmt.translate import resolve_device
 
 LOG_EVERY = 20  # updates between train records in metrics.jsonl
+MAX_BAD_STEPS = 5  # consecutive non-finite losses before training stops
 
 
 @dataclass
@@ -117,6 +120,9 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise NmtError(f"parameters became NaN/inf at step {self.progress.step}; {self.out / name} "
+                           "keeps the last good state (try a lower train.lr or train.clip_norm)")
         save_checkpoint(self.out / name, self.payload())
 
     def resume(self, path: Path) -> None:
@@ -128,6 +134,11 @@ class Trainer:
             )
         load_state(self.model, payload["model"], path)
         self.optimizer.load_state_dict(payload["optimizer"])
+        saved_lr = payload["config"]["train"]["lr"]
+        if saved_lr != self.config.train.lr:  # the recipe's lr was changed: the user wants it now
+            print(f"train.lr changed from {saved_lr} to {self.config.train.lr}: using the new value")
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.train.lr
         if self.scheduler is not None and payload["scheduler"] is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
         torch.set_rng_state(payload["rng"]["torch"])
@@ -165,6 +176,50 @@ def train(config: Config, exp_dir: Path) -> dict:
     trainer = Trainer(config, exp_dir)
     out = trainer.out
     out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out / "train.lock"):
+        return _train(trainer, config)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """One `nmt train` per experiment: a lock file holding the owner's pid. A lock whose process
+    is gone (killed, machine rebooted) is stale and taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or "0")
+            except (OSError, ValueError):
+                owner = 0
+            if owner > 0 and _alive(owner):
+                raise NmtError(f"{path}: another `nmt train` (pid {owner}) is training this "
+                               "experiment; wait for it or stop it first") from None
+            print(f"removing stale lock {path} (pid {owner} is not running)")
+            path.unlink(missing_ok=True)
+    else:  # pragma: no cover - lost a race twice
+        raise NmtError(f"{path}: could not take the training lock")
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _train(trainer: Trainer, config: Config) -> dict:
+    out = trainer.out
     summary_path = out / "summary.json"
     metrics_path = out / "metrics.jsonl"
     if (out / "last.pt").is_file():
@@ -215,11 +270,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _loop(trainer: Trainer, metrics_path: Path, stop: dict) -> bool:
     """Train until max_epochs/max_steps/early stopping (True) or a stop signal (False)."""
+    with open(metrics_path, "a", encoding="utf-8") as metrics:
+        return _epochs(trainer, metrics, stop)
+
+
+def _epochs(trainer: Trainer, metrics, stop: dict) -> bool:
     t, p = trainer.config.train, trainer.progress
     model, optimizer = trainer.model, trainer.optimizer
     model.train()
-    metrics = open(metrics_path, "a", encoding="utf-8")
     window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
+    bad_steps = 0  # consecutive batches with a non-finite loss or gradient
     # A resumed run that had already stopped early or reached max_steps stays stopped.
     done = bool((t.patience > 0 and p.bad_validations >= t.patience)
                 or (t.max_steps and p.step >= t.max_steps))
@@ -233,8 +293,20 @@ def _loop(trainer: Trainer, metrics_path: Path, stop: dict) -> bool:
             loss, tokens = batch_loss(model, batch, t.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if t.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm or math.inf)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                # Skip the update (the parameters stay as they were), move on to the next batch.
+                p.batch_in_epoch += 1
+                bad_steps += 1
+                tqdm.write(f"warning: step {p.step + 1}: loss {float(loss.detach()):.4g}, gradient norm "
+                           f"{float(grad_norm):.4g}; update skipped ({bad_steps} in a row)")
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise NmtError(
+                        f"loss or gradients were NaN/inf for {bad_steps} batches in a row at step "
+                        f"{p.step}; stopped without saving them: {trainer.out / 'last.pt'} holds the "
+                        "last good state (try a lower train.lr or train.clip_norm)")
+                continue
+            bad_steps = 0
             optimizer.step()
             if trainer.config.train.schedule == "warmup":
                 trainer.scheduler.step()
@@ -266,7 +338,6 @@ def _loop(trainer: Trainer, metrics_path: Path, stop: dict) -> bool:
                 break
         bar.close()
         if stop["signal"] is not None:
-            metrics.close()
             return False
         if p.batch_in_epoch >= len(batches):
             p.epoch += 1
@@ -274,7 +345,6 @@ def _loop(trainer: Trainer, metrics_path: Path, stop: dict) -> bool:
     if p.validated_step != p.step:  # the last updates were not validated yet
         _validate(trainer, metrics)
     trainer.save("last.pt")
-    metrics.close()
     return True
 
 

@@ -100,9 +100,12 @@ def _read_chunks(stream, size: int, name: str):
     for raw in stream:
         number += 1
         try:
-            chunk.append(raw.decode("utf-8").rstrip("\r\n"))
+            line = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as err:
             raise NmtError(f"{name}:{number}: invalid UTF-8 ({err.reason} at byte {err.start})") from None
+        if "\x00" in line:
+            raise NmtError(f"{name}:{number}: NUL byte: this looks like binary, not text")
+        chunk.append(line)
         if len(chunk) == size:
             yield chunk
             chunk = []
