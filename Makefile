@@ -15,12 +15,19 @@ TORCH ?= torch==2.13.0
 EXP ?= exp/$(recipe)
 SET ?=
 MIRROR ?=
+# Training processes: NPROC=2 runs `nmt train` under torchrun (DistributedDataParallel).
+NPROC ?= 1
 
 ifneq ($(MIRROR),)
 export NMT_DATA_MIRROR := $(abspath $(MIRROR))
 endif
 
 NMT := $(VENV)/bin/nmt
+ifeq ($(NPROC),1)
+TRAIN := $(NMT) train
+else
+TRAIN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m nmt.cli train
+endif
 NMT_ARGS := $(recipe) --exp $(EXP) $(foreach s,$(SET),--set $(s))
 RECIPE_FILE := recipes/$(recipe).yaml
 INSTALLED := $(VENV)/.installed
@@ -61,7 +68,7 @@ $(SPM): $(STATS) | $(INSTALLED)
 	$(NMT) spm $(NMT_ARGS)
 
 $(MODEL): $(SPM) | $(INSTALLED)
-	$(NMT) train $(NMT_ARGS)
+	$(TRAIN) $(NMT_ARGS)
 
 $(SCORES): $(MODEL) | $(INSTALLED)
 	$(NMT) evaluate $(NMT_ARGS)

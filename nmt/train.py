@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from nmt import distributed
 from nmt.batches import Batch, collate, token_batches
 from nmt.checkpoint import load_checkpoint, load_state, save_checkpoint
 from nmt.config import Config, config_to_dict, save_config
@@ -55,7 +57,8 @@ def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0) -> tu
     non-pad positions of the whole batch, not once per decoder step."""
     outputs, _ = model(batch.src_ids, batch.src_lens, batch.tgt_in)  # (batch, tgt_len, output)
     real = batch.tgt_out != PAD_ID
-    logits = model.decoder.logits(outputs[real])  # (tokens, vocab)
+    core = model.module if isinstance(model, DistributedDataParallel) else model
+    logits = core.decoder.logits(outputs[real])  # (tokens, vocab)
     loss = F.cross_entropy(logits.float(), batch.tgt_out[real], label_smoothing=label_smoothing)
     return loss, int(real.sum())
 
@@ -84,9 +87,14 @@ class Trainer:
             raise NmtError(f"{manifest_path} not found: run `nmt spm {config.name}` first")
         self.manifest = json.loads(manifest_path.read_text())
         t = config.train
-        if t.threads > 0:
-            torch.set_num_threads(t.threads)
-        self.device = resolve_device(t.device)
+        device = resolve_device(t.device)
+        self.world = distributed.join(device)
+        if device.type == "cuda" and self.world.active:
+            device = torch.device("cuda", self.world.local_rank)
+        self.device = device
+        if t.threads > 0:  # on one CPU, processes share the threads
+            share = self.world.size if device.type == "cpu" else 1
+            torch.set_num_threads(max(1, t.threads // share))
         torch.manual_seed(t.seed)
         random.seed(t.seed)
 
@@ -97,6 +105,11 @@ class Trainer:
         self.valid_refs = read_lines(exp_dir / "data" / "valid.tgt")
         vocab = self.manifest["vocab_size"]
         self.model = build_model(config.model, vocab["src"], vocab["tgt"]).to(self.device)
+        self.train_model = self.model  # what the training forward runs: the model or its DDP wrapper
+        if self.world.active:
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            torch.manual_seed(t.seed + self.world.rank)  # its own dropout masks on every rank
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=tuple(t.betas),
                                           weight_decay=t.weight_decay)
         self.scheduler = build_scheduler(config, self.optimizer)
@@ -109,7 +122,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "ranks": distributed.gather_objects(self.world, (torch.get_rng_state(), random.getstate()))},
             "progress": asdict(self.progress),
             "config": config_to_dict(self.config),
             "spm": {side: path.read_bytes() for side, path in self.spm_paths.items()},
@@ -123,7 +137,9 @@ class Trainer:
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             raise NmtError(f"parameters became NaN/inf at step {self.progress.step}; {self.out / name} "
                            "keeps the last good state (try a lower train.lr or train.clip_norm)")
-        save_checkpoint(self.out / name, self.payload())
+        payload = self.payload()  # every rank takes part (its RNG state); rank 0 writes
+        if self.world.is_main:
+            save_checkpoint(self.out / name, payload)
 
     def resume(self, path: Path) -> None:
         payload = load_checkpoint(path)
@@ -141,8 +157,12 @@ class Trainer:
                 group["lr"] = self.config.train.lr
         if self.scheduler is not None and payload["scheduler"] is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
-        torch.set_rng_state(payload["rng"]["torch"])
-        random.setstate(_as_tuple(payload["rng"]["python"]))
+        torch_state, python_state = payload["rng"]["torch"], payload["rng"]["python"]
+        ranks = payload["rng"].get("ranks") or []
+        if self.world.active and len(ranks) == self.world.size:
+            torch_state, python_state = ranks[self.world.rank]
+        torch.set_rng_state(torch_state)
+        random.setstate(_as_tuple(python_state))
         self.progress = Progress(**payload["progress"])
 
     # -- validation ----------------------------------------------------------------------------
@@ -175,9 +195,14 @@ def _as_tuple(value):
 def train(config: Config, exp_dir: Path) -> dict:
     trainer = Trainer(config, exp_dir)
     out = trainer.out
-    out.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(out / "train.lock"):
-        return _train(trainer, config)
+    try:
+        if not trainer.world.is_main:
+            return _train(trainer, config)
+        out.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(out / "train.lock"):
+            return _train(trainer, config)
+    finally:
+        distributed.leave(trainer.world)
 
 
 @contextlib.contextmanager
@@ -219,20 +244,24 @@ def _alive(pid: int) -> bool:
 
 
 def _train(trainer: Trainer, config: Config) -> dict:
-    out = trainer.out
+    out, main = trainer.out, trainer.world.is_main
     summary_path = out / "summary.json"
     metrics_path = out / "metrics.jsonl"
+    log = print if main else (lambda *args, **kwargs: None)
     if (out / "last.pt").is_file():
         trainer.resume(out / "last.pt")
-        print(f"resuming from {out / 'last.pt'} at step {trainer.progress.step}")
-        _truncate_metrics(metrics_path, trainer.progress.step)
-    else:
+        log(f"resuming from {out / 'last.pt'} at step {trainer.progress.step}")
+        if main:
+            _truncate_metrics(metrics_path, trainer.progress.step)
+    elif main:
         metrics_path.unlink(missing_ok=True)
-    summary_path.unlink(missing_ok=True)  # summary.json marks a finished run (make's target)
-    save_config(config, out / "config.yaml")
-    print(f"model: {trainer.model.num_parameters():,} parameters ({config.model.cell}, "
-          f"attention {config.model.attention}); device {trainer.device}, "
-          f"{torch.get_num_threads()} threads")
+    if main:
+        summary_path.unlink(missing_ok=True)  # summary.json marks a finished run (make's target)
+        save_config(config, out / "config.yaml")
+    world = f", {trainer.world.size} processes" if trainer.world.active else ""
+    log(f"model: {trainer.model.num_parameters():,} parameters ({config.model.cell}, "
+        f"attention {config.model.attention}); device {trainer.device}, "
+        f"{torch.get_num_threads()} threads{world}")
 
     stop = {"signal": None}
 
@@ -241,7 +270,8 @@ def _train(trainer: Trainer, config: Config) -> dict:
 
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        finished = _loop(trainer, metrics_path, stop)
+        with open(metrics_path if main else os.devnull, "a", encoding="utf-8") as metrics:
+            finished = _epochs(trainer, metrics, stop)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
@@ -253,10 +283,11 @@ def _train(trainer: Trainer, config: Config) -> dict:
         "steps": p.step, "epochs": p.epoch, "best_valid_bleu": p.best_bleu, "best_step": p.best_step,
         "train_seconds": p.train_seconds, "target_tokens": p.tokens,
         "tokens_per_second": p.tokens / max(p.train_seconds, 1e-9),
-        "num_parameters": trainer.model.num_parameters(), "config": config_to_dict(config),
-        "versions": versions(),
+        "num_parameters": trainer.model.num_parameters(), "processes": trainer.world.size,
+        "config": config_to_dict(config), "versions": versions(),
     }
-    write_json(summary_path, summary)
+    if main:
+        write_json(summary_path, summary)
     return summary
 
 
@@ -268,15 +299,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _loop(trainer: Trainer, metrics_path: Path, stop: dict) -> bool:
-    """Train until max_epochs/max_steps/early stopping (True) or a stop signal (False)."""
-    with open(metrics_path, "a", encoding="utf-8") as metrics:
-        return _epochs(trainer, metrics, stop)
-
-
 def _epochs(trainer: Trainer, metrics, stop: dict) -> bool:
-    t, p = trainer.config.train, trainer.progress
-    model, optimizer = trainer.model, trainer.optimizer
+    """Train until max_epochs/max_steps/early stopping (True) or a stop signal (False).
+
+    Under torchrun, rank r trains on batches[i + r] of every group of world-size batches; a group
+    is one update, and batch_in_epoch counts the batches of all ranks.
+    """
+    t, p, world = trainer.config.train, trainer.progress, trainer.world
+    model, optimizer = trainer.train_model, trainer.optimizer
     model.train()
     window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
     bad_steps = 0  # consecutive batches with a non-finite loss or gradient
@@ -285,61 +315,71 @@ def _epochs(trainer: Trainer, metrics, stop: dict) -> bool:
                 or (t.max_steps and p.step >= t.max_steps))
     while p.epoch < t.max_epochs and not done:
         batches = token_batches(trainer.train_split, t.batch_tokens, t.seed, p.epoch, t.max_len)
-        bar = tqdm(total=len(batches), initial=p.batch_in_epoch, desc=f"epoch {p.epoch + 1}",
-                   unit="batch", dynamic_ncols=True, leave=False)
-        while p.batch_in_epoch < len(batches):
+        usable = len(batches) - len(batches) % world.size  # every rank takes the same number
+        bar = tqdm(total=usable, initial=p.batch_in_epoch, desc=f"epoch {p.epoch + 1}", unit="batch",
+                   dynamic_ncols=True, leave=False, disable=not world.is_main)
+        stopping = False
+        while p.batch_in_epoch < usable:
             started = time.perf_counter()
-            batch = collate(trainer.train_split, batches[p.batch_in_epoch]).to(trainer.device)
+            batch = collate(trainer.train_split, batches[p.batch_in_epoch + world.rank]).to(trainer.device)
             loss, tokens = batch_loss(model, batch, t.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm or math.inf)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            loss.backward()  # under DDP, this also averages the gradients over the ranks
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), t.clip_norm or math.inf)
+            finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+            all_tokens, non_finite, stops = distributed.sum_over_ranks(
+                world, [tokens, int(not finite), int(stop["signal"] is not None)], trainer.device)
+            stopping = stops > 0
+            p.batch_in_epoch += world.size
+            if non_finite:
                 # Skip the update (the parameters stay as they were), move on to the next batch.
-                p.batch_in_epoch += 1
                 bad_steps += 1
-                tqdm.write(f"warning: step {p.step + 1}: loss {float(loss.detach()):.4g}, gradient norm "
-                           f"{float(grad_norm):.4g}; update skipped ({bad_steps} in a row)")
+                if world.is_main:
+                    tqdm.write(f"warning: step {p.step + 1}: loss {float(loss.detach()):.4g}, gradient "
+                               f"norm {float(grad_norm):.4g}; update skipped ({bad_steps} in a row)")
                 if bad_steps >= MAX_BAD_STEPS:
                     raise NmtError(
                         f"loss or gradients were NaN/inf for {bad_steps} batches in a row at step "
                         f"{p.step}; stopped without saving them: {trainer.out / 'last.pt'} holds the "
                         "last good state (try a lower train.lr or train.clip_norm)")
-                continue
-            bad_steps = 0
-            optimizer.step()
-            if trainer.config.train.schedule == "warmup":
-                trainer.scheduler.step()
-            p.step += 1
-            p.batch_in_epoch += 1
-            p.tokens += tokens
-            step_seconds = time.perf_counter() - started
-            p.train_seconds += step_seconds
-            window_seconds += step_seconds
-            window_loss += float(loss.detach()) * tokens
-            window_tokens += tokens
-            bar.update(1)
-            lr = optimizer.param_groups[0]["lr"]
-            if p.step % LOG_EVERY == 0:
-                record = {"step": p.step, "epoch": p.epoch + 1, "train_loss": window_loss / window_tokens,
-                          "lr": lr, "tokens_per_s": window_tokens / window_seconds, "elapsed": p.train_seconds}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                lr=f"{lr:.2g}", step=p.step)
-                window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
-            if p.step % t.valid_every == 0:
-                done = _validate(trainer, metrics)
-            if t.max_steps and p.step >= t.max_steps:
-                done = True
-            if p.step % t.checkpoint_every == 0 or done or stop["signal"] is not None:
+                if not stopping:
+                    continue
+            else:
+                bad_steps = 0
+                optimizer.step()
+                if t.schedule == "warmup":
+                    trainer.scheduler.step()
+                p.step += 1
+                p.tokens += all_tokens
+                step_seconds = time.perf_counter() - started
+                p.train_seconds += step_seconds
+                window_seconds += step_seconds
+                window_loss += float(loss.detach()) * tokens
+                window_tokens += tokens
+                bar.update(world.size)
+                lr = optimizer.param_groups[0]["lr"]
+                if p.step % LOG_EVERY == 0:
+                    # loss of this rank's batches; tokens/s of all ranks together
+                    record = {"step": p.step, "epoch": p.epoch + 1, "train_loss": window_loss / window_tokens,
+                              "lr": lr, "tokens_per_s": window_tokens * world.size / window_seconds,
+                              "elapsed": p.train_seconds}
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                    lr=f"{lr:.2g}", step=p.step)
+                    window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
+                if p.step % t.valid_every == 0:
+                    done = _validate(trainer, metrics)
+                if t.max_steps and p.step >= t.max_steps:
+                    done = True
+            if p.step % t.checkpoint_every == 0 or done or stopping:
                 trainer.save("last.pt")
-            if done or stop["signal"] is not None:
+            if done or stopping:
                 break
         bar.close()
-        if stop["signal"] is not None:
+        if stopping:
             return False
-        if p.batch_in_epoch >= len(batches):
+        if p.batch_in_epoch >= usable:
             p.epoch += 1
             p.batch_in_epoch = 0
     if p.validated_step != p.step:  # the last updates were not validated yet
@@ -349,26 +389,28 @@ def _epochs(trainer: Trainer, metrics, stop: dict) -> bool:
 
 
 def _validate(trainer: Trainer, metrics) -> bool:
-    """Validate, keep best.pt, step the plateau schedule; True when early stopping says stop."""
-    t, p = trainer.config.train, trainer.progress
+    """Validate on rank 0 and broadcast its BLEU, so every rank keeps best.pt bookkeeping, the
+    plateau schedule and early stopping alike; True when early stopping says stop."""
+    t, p, world = trainer.config.train, trainer.progress, trainer.world
     started = time.perf_counter()
-    result = trainer.validate()
+    result = trainer.validate() if world.is_main else None
+    bleu = distributed.broadcast_float(world, result["valid_bleu"] if result else 0.0, trainer.device)
     p.validated_step = p.step
-    improved = result["valid_bleu"] > p.best_bleu
+    improved = bleu > p.best_bleu
     if improved:
-        p.best_bleu, p.best_step, p.bad_validations = result["valid_bleu"], p.step, 0
+        p.best_bleu, p.best_step, p.bad_validations = bleu, p.step, 0
     else:
         p.bad_validations += 1
     if isinstance(trainer.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        trainer.scheduler.step(result["valid_bleu"])
+        trainer.scheduler.step(bleu)
     if improved:
         trainer.save("best.pt")
-    lr = trainer.optimizer.param_groups[0]["lr"]
-    record = {"step": p.step, "epoch": p.epoch + 1, **result, "lr": lr, "elapsed": p.train_seconds,
-              "valid_seconds": time.perf_counter() - started}
-    metrics.write(json.dumps(record) + "\n")
-    metrics.flush()
-    tqdm.write(f"step {p.step}: valid loss {result['valid_loss']:.3f} ppl {result['valid_ppl']:.1f} "
-               f"BLEU {result['valid_bleu']:.2f}{' (best)' if improved else ''} lr {lr:.2g}")
+    if world.is_main:
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        record = {"step": p.step, "epoch": p.epoch + 1, **result, "lr": lr, "elapsed": p.train_seconds,
+                  "valid_seconds": time.perf_counter() - started}
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        tqdm.write(f"step {p.step}: valid loss {result['valid_loss']:.3f} ppl {result['valid_ppl']:.1f} "
+                   f"BLEU {result['valid_bleu']:.2f}{' (best)' if improved else ''} lr {lr:.2g}")
     return t.patience > 0 and p.bad_validations >= t.patience
-
