@@ -38,11 +38,11 @@ MODEL := $(EXP)/model/summary.json
 SCORES := $(EXP)/eval/scores.json
 REPORT := $(EXP)/compare/report.md
 
-.PHONY: install test lint data spm train eval compare help
+.PHONY: install test lint data spm train eval compare bench help
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make install | test | lint"
+	@echo "make install | test | lint | bench [QUICK=1] [ANCHOR=onmt]"
 	@echo "make recipe=NAME data | spm | train | eval | compare   [MIRROR=dir] [SET=\"key=value ...\"]"
 	@echo "recipes: $(basename $(notdir $(wildcard recipes/*.yaml)))"
 
@@ -59,6 +59,13 @@ test: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check nmt tests bench
+
+# The speed/quality benchmark (bench/run.py): QUICK=1 for a few minutes, ANCHOR=joey|onmt|fairseq
+# to run that toolkit's anchor script from ../shared/bench/anchors in the same invocation.
+QUICK ?=
+ANCHOR ?=
+bench: $(INSTALLED)
+	$(VENV)/bin/python bench/run.py $(if $(QUICK),--quick) $(foreach a,$(ANCHOR),--anchor $(a))
 
 # The stages. Installing is order-only: reinstalling must not make trained models look stale.
 $(STATS): $(RECIPE_FILE) | $(INSTALLED)

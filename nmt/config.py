@@ -88,6 +88,7 @@ class TrainConfig:
     batch_tokens: int = 3000  # target tokens per batch (real tokens, padding not counted)
     max_epochs: int = 30
     max_steps: int = 0  # stop after this many updates; 0 = no limit
+    max_minutes: float = 0.0  # stop after this much wall-clock training time; 0 = no limit
     lr: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -175,9 +176,13 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _merge(base: dict, override: dict) -> dict:
+    """Deep merge; a key set to null in the child removes the parent's key (back to its default,
+    or, for a test set, no test set of that name)."""
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
@@ -375,6 +380,7 @@ def validate(config: Config, source: str) -> None:
             fail(key, f"must be positive, got {value}")
     non_negative = {
         "train.max_steps": config.train.max_steps,
+        "train.max_minutes": config.train.max_minutes,
         "train.threads": config.train.threads,
         "train.clip_norm": config.train.clip_norm,
         "train.patience": config.train.patience,

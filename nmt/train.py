@@ -47,7 +47,8 @@ class Progress:
     best_bleu: float = -1.0
     best_step: int = 0
     bad_validations: int = 0  # validations since the best one (early stopping)
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # in updates only
+    wall_seconds: float = 0.0  # in the training loop, validation and checkpoints included
     tokens: int = 0  # target tokens trained on
     validated_step: int = 0  # the last step that was validated
 
@@ -281,7 +282,7 @@ def _train(trainer: Trainer, config: Config) -> dict:
     p = trainer.progress
     summary = {
         "steps": p.step, "epochs": p.epoch, "best_valid_bleu": p.best_bleu, "best_step": p.best_step,
-        "train_seconds": p.train_seconds, "target_tokens": p.tokens,
+        "train_seconds": p.train_seconds, "wall_seconds": p.wall_seconds, "target_tokens": p.tokens,
         "tokens_per_second": p.tokens / max(p.train_seconds, 1e-9),
         "num_parameters": trainer.model.num_parameters(), "processes": trainer.world.size,
         "config": config_to_dict(config), "versions": versions(),
@@ -310,9 +311,19 @@ def _epochs(trainer: Trainer, metrics, stop: dict) -> bool:
     model.train()
     window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
     bad_steps = 0  # consecutive batches with a non-finite loss or gradient
-    # A resumed run that had already stopped early or reached max_steps stays stopped.
-    done = bool((t.patience > 0 and p.bad_validations >= t.patience)
-                or (t.max_steps and p.step >= t.max_steps))
+    loop_start, wall_before = time.perf_counter(), p.wall_seconds
+
+    def update_wall() -> float:
+        p.wall_seconds = wall_before + time.perf_counter() - loop_start
+        return p.wall_seconds
+
+    def out_of_budget() -> bool:
+        update_wall()
+        return bool((t.max_steps and p.step >= t.max_steps)
+                    or (t.max_minutes and p.wall_seconds >= 60 * t.max_minutes))
+
+    # A resumed run that had already stopped early or used up its budget stays stopped.
+    done = bool(t.patience > 0 and p.bad_validations >= t.patience) or out_of_budget()
     while p.epoch < t.max_epochs and not done:
         batches = token_batches(trainer.train_split, t.batch_tokens, t.seed, p.epoch, t.max_len)
         usable = len(batches) - len(batches) % world.size  # every rank takes the same number
@@ -327,8 +338,12 @@ def _epochs(trainer: Trainer, metrics, stop: dict) -> bool:
             loss.backward()  # under DDP, this also averages the gradients over the ranks
             grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), t.clip_norm or math.inf)
             finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-            all_tokens, non_finite, stops = distributed.sum_over_ranks(
-                world, [tokens, int(not finite), int(stop["signal"] is not None)], trainer.device)
+            # One all-reduce agrees on tokens, NaNs, stop requests and the time budget, so that
+            # all ranks take the same decisions.
+            over_time = bool(t.max_minutes and update_wall() >= 60 * t.max_minutes)
+            all_tokens, non_finite, stops, over_time = distributed.sum_over_ranks(
+                world, [tokens, int(not finite), int(stop["signal"] is not None), int(over_time)],
+                trainer.device)
             stopping = stops > 0
             p.batch_in_epoch += world.size
             if non_finite:
@@ -362,7 +377,7 @@ def _epochs(trainer: Trainer, metrics, stop: dict) -> bool:
                     # loss of this rank's batches; tokens/s of all ranks together
                     record = {"step": p.step, "epoch": p.epoch + 1, "train_loss": window_loss / window_tokens,
                               "lr": lr, "tokens_per_s": window_tokens * world.size / window_seconds,
-                              "elapsed": p.train_seconds}
+                              "elapsed": p.train_seconds, "wall": update_wall()}
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
@@ -370,8 +385,7 @@ def _epochs(trainer: Trainer, metrics, stop: dict) -> bool:
                     window_loss, window_tokens, window_seconds = 0.0, 0, 0.0
                 if p.step % t.valid_every == 0:
                     done = _validate(trainer, metrics)
-                if t.max_steps and p.step >= t.max_steps:
-                    done = True
+                done = done or bool(over_time) or bool(t.max_steps and p.step >= t.max_steps)
             if p.step % t.checkpoint_every == 0 or done or stopping:
                 trainer.save("last.pt")
             if done or stopping:
@@ -408,7 +422,7 @@ def _validate(trainer: Trainer, metrics) -> bool:
     if world.is_main:
         lr = trainer.optimizer.param_groups[0]["lr"]
         record = {"step": p.step, "epoch": p.epoch + 1, **result, "lr": lr, "elapsed": p.train_seconds,
-                  "valid_seconds": time.perf_counter() - started}
+                  "wall": p.wall_seconds, "valid_seconds": time.perf_counter() - started}
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
         tqdm.write(f"step {p.step}: valid loss {result['valid_loss']:.3f} ppl {result['valid_ppl']:.1f} "
