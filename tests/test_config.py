@@ -142,3 +142,16 @@ def test_cli_bad_value_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2
     assert err.count("\n") == 1 and "model.hidden_size" in err and "Traceback" not in err
+
+
+def test_null_in_a_child_removes_the_inherited_key(tmp_path):
+    child = write_recipe(tmp_path, f"extends: {RECIPES_DIR / 'en-de.yaml'}\ndata:\n  test:\n    test2017: null\n"
+                                   "model:\n  hidden_size: null\n")
+    config = load_recipe(str(child))
+    assert list(config.data.test) == ["test"]
+    assert config.model.hidden_size == 256  # back to the default
+
+
+def test_benchmark_recipe_loads():
+    config = load_recipe(str(RECIPES_DIR.parent / "bench" / "m30k-de-en.yaml"))
+    assert list(config.data.test) == ["test"] and config.train.max_minutes == 20

@@ -129,3 +129,13 @@ def test_recipe_end_to_end_through_make(mirror, tmp_path):
     assert config.model.hidden_size == 32
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
     assert second.returncode == 0 and "/nmt " not in second.stdout
+
+
+def test_time_budget_stops_cleanly(tiny_exp):
+    config, exp = tiny_exp
+    config.train.max_steps = 0
+    config.train.max_minutes = 0.05  # 3 seconds
+    config.train.max_epochs = 1000
+    summary = train(config, exp)
+    assert 3.0 <= summary["wall_seconds"] < 30.0
+    assert (exp / "model" / "summary.json").is_file() and summary["steps"] > 0
