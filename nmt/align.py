@@ -16,11 +16,13 @@ WORD_START = "\u2581"
 
 
 def word_index(pieces: list[str]) -> list[int]:
-    """The word each piece belongs to."""
-    index, current = [], -1
+    """The word each piece belongs to. A bare "▁" before another word-start piece holds no text
+    (detokenised, it is just a space), so it joins the word that follows."""
+    index, current, has_text = [], -1, False
     for piece in pieces:
-        if piece.startswith(WORD_START) or current < 0:
-            current += 1
+        if current < 0 or (piece.startswith(WORD_START) and has_text):
+            current, has_text = current + 1, False
+        has_text = has_text or bool(piece.lstrip(WORD_START))
         index.append(current)
     return index
 
@@ -31,7 +33,7 @@ def words_of(pieces: list[str]) -> list[str]:
         if w == len(words):
             words.append("")
         words[w] += piece
-    return [w.lstrip(WORD_START) or WORD_START for w in words]
+    return [w.lstrip(WORD_START) or WORD_START for w in words]  # "▁": a word without text
 
 
 def merge_attention(attention: torch.Tensor, src_pieces: list[str], tgt_pieces: list[str]) -> torch.Tensor:
@@ -45,6 +47,12 @@ def merge_attention(attention: torch.Tensor, src_pieces: list[str], tgt_pieces: 
     return summed / counts
 
 
-def hard_alignment(merged: torch.Tensor) -> str:
-    """Each target word aligned to its most attended source word, as 'src-tgt' pairs (0-based)."""
-    return " ".join(f"{int(row.argmax())}-{j}" for j, row in enumerate(merged))
+def hard_alignment(merged: torch.Tensor, tgt_words: list[str]) -> str:
+    """Each target word aligned to its most attended source word, as 'src-tgt' pairs (0-based
+    over the words of the detokenised text: a word without text is no word there)."""
+    pairs, j = [], 0
+    for row, word in zip(merged, tgt_words):
+        if word.strip(WORD_START):
+            pairs.append(f"{int(row.argmax())}-{j}")
+            j += 1
+    return " ".join(pairs)

@@ -1,13 +1,15 @@
 """Attention: additive (Bahdanau), dot and general (Luong), all with one signature.
 
 Each module first projects the encoder states into keys once per batch (`project_keys`), then
-scores one decoder query per step against them:
+scores one decoder query per step against them and returns the attention weights:
 
-    context, weights = attention(query, keys, values, src_mask)
-    # query (batch, query_size), keys (batch, src_len, *), values (batch, src_len, enc_size)
-    # context (batch, enc_size), weights (batch, src_len): rows sum to 1, padding gets 0
+    weights = attention(query, keys, src_mask)
+    # query (batch, query_size), keys (batch, src_len, *), src_mask (batch, src_len) bool
+    # weights (batch, src_len): rows sum to 1, padding gets 0
 
-The fixed-context baseline (`attention: none`) has no module at all: see model.Decoder.
+The decoder takes the weighted sum of whatever it needs (the encoder states for the context, or
+their projections into its gates; see model.Decoder). The fixed-context baseline
+(`attention: none`) has no module at all.
 """
 
 from __future__ import annotations
@@ -16,12 +18,9 @@ import torch
 from torch import nn
 
 
-def attend(scores: torch.Tensor, values: torch.Tensor, src_mask: torch.Tensor):
-    """Masked softmax over source positions, then the weighted sum of the values."""
-    scores = scores.masked_fill(~src_mask, float("-inf"))  # (batch, src_len)
-    weights = torch.softmax(scores, dim=-1)
-    context = torch.bmm(weights.unsqueeze(1), values).squeeze(1)  # (batch, enc_size)
-    return context, weights
+def masked_softmax(scores: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the real source positions, in fp32 even under bf16 autocast."""
+    return torch.softmax(scores.float().masked_fill(~src_mask, float("-inf")), dim=-1)
 
 
 class AdditiveAttention(nn.Module):
@@ -39,10 +38,9 @@ class AdditiveAttention(nn.Module):
     def project_keys(self, enc_states: torch.Tensor) -> torch.Tensor:
         return self.key_proj(enc_states)  # (batch, src_len, attention_size)
 
-    def forward(self, query, keys, values, src_mask):
-        hidden = torch.tanh(keys + self.query_proj(query).unsqueeze(1))
-        scores = self.energy(hidden).squeeze(2)  # (batch, src_len)
-        return attend(scores, values, src_mask)
+    def forward(self, query, keys, src_mask):
+        hidden = torch.tanh(keys + self.query_proj(query).unsqueeze(1))  # (batch, src_len, attention)
+        return masked_softmax(self.energy(hidden).squeeze(2), src_mask)
 
 
 class DotAttention(nn.Module):
@@ -51,9 +49,9 @@ class DotAttention(nn.Module):
     def project_keys(self, enc_states: torch.Tensor) -> torch.Tensor:
         return enc_states
 
-    def forward(self, query, keys, values, src_mask):
-        scores = torch.bmm(keys, query.unsqueeze(2)).squeeze(2)  # (batch, src_len)
-        return attend(scores, values, src_mask)
+    def forward(self, query, keys, src_mask):
+        scores = torch.bmm(keys, query.unsqueeze(2).to(keys.dtype)).squeeze(2)  # (batch, src_len)
+        return masked_softmax(scores, src_mask)
 
 
 class GeneralAttention(DotAttention):

@@ -47,7 +47,7 @@ def cmd_spm(args) -> None:
     config, exp_dir = _load(args)
     manifest = run_spm_stage(config, exp_dir)
     sizes = manifest["vocab_size"]
-    print(f"SentencePiece vocab: src {sizes['src']}, tgt {sizes['tgt']}")
+    print(f"SentencePiece vocab: src {sizes['src']}, tgt {sizes['tgt']}; output layer {sizes['output']}")
     for split, s in manifest["splits"].items():
         print(f"{split}: {s['pairs']} pairs, {s['src_tokens']} src / {s['tgt_tokens']} tgt pieces")
     print(f"wrote {exp_dir / 'spm'}")

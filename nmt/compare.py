@@ -72,12 +72,14 @@ def bleu_by_length(src: list[str], hyps: list[str], refs: list[str], edges: list
     return rows
 
 
-def heatmap_sentences(src: list[str], wanted=(8, 14, 20, 30)) -> list[int]:
-    """Test sentences of different lengths: for each wanted length, the closest one not yet taken."""
+def heatmap_sentences(src: list[str], wanted=(8, 14, 20, 30), eligible=None) -> list[int]:
+    """Test sentences of different lengths: for each wanted length, the closest one not yet taken
+    (among `eligible` indices, e.g. those with a non-empty translation)."""
     lengths = [len(line.split()) for line in src]
+    pool = range(len(src)) if eligible is None else eligible
     chosen: list[int] = []
     for target in wanted:
-        candidates = [i for i in range(len(src)) if i not in chosen and lengths[i] > 0]
+        candidates = [i for i in pool if i not in chosen and lengths[i] > 0]
         if candidates:
             chosen.append(min(candidates, key=lambda i: (abs(lengths[i] - target), i)))
     return sorted(set(chosen), key=lambda i: lengths[i])
@@ -141,12 +143,12 @@ def draw_heatmaps(variant: dict, out: Path, count: int) -> None:
     from nmt.align import merge_attention, words_of
 
     translator, src = variant["_translator"], variant["_src"]
-    for index in heatmap_sentences(src)[:count]:
-        hyp = variant["_decoded"]["beam"]["hyps"][index][0]
-        if hyp.attention is None or not hyp.tokens:
-            continue
+    hyps = [h[0] for h in variant["_decoded"]["beam"]["hyps"]]
+    drawable = [i for i, h in enumerate(hyps) if h.tokens and h.attention is not None]
+    for index in heatmap_sentences(src, eligible=drawable)[:count]:
+        hyp = hyps[index]
         src_pieces = translator.src_spm.encode(src[index], out_type=str)
-        tgt_pieces = [translator.tgt_spm.id_to_piece(t) for t in hyp.tokens]
+        tgt_pieces = translator.target_pieces(hyp)
         merged = merge_attention(hyp.attention[:-1], src_pieces, tgt_pieces)
         plot.attention_heatmap(merged, words_of(src_pieces), words_of(tgt_pieces),
                                out / f"{index}.png", title=f"{variant['name']}, test sentence {index}")

@@ -61,6 +61,7 @@ class SubwordConfig:
     joint: bool = True  # one model for both languages, or one per side
     character_coverage: float = 1.0
     max_sentences: int = 1_000_000  # cap on sentences sampled for training SentencePiece
+    restrict_target: bool = True  # output layer over the pieces seen in training targets only
 
 
 @dataclass
@@ -103,6 +104,7 @@ class TrainConfig:
     patience: int = 8  # early stopping: validations without a better BLEU; 0 = never stop early
     checkpoint_every: int = 200  # write last.pt every this many updates
     max_len: int = 100  # training pairs longer than this (subword tokens) are skipped
+    precision: str = "fp32"  # fp32 | bf16: matrix products in bfloat16 (autocast), state in fp32
 
 
 @dataclass
@@ -114,6 +116,7 @@ class DecodeConfig:
     max_len_a: float = 1.5  # max output length = a * source length + b
     max_len_b: int = 10
     max_src_len: int = 250  # longer inputs are cut to this many subwords (with a warning)
+    precision: str = "fp32"  # fp32 | bf16
 
 
 @dataclass
@@ -133,6 +136,8 @@ CHOICES = {
     "model.attention": ("bahdanau", "luong-dot", "luong-general", "none"),
     "train.schedule": ("plateau", "warmup", "constant"),
     "decode.length_penalty": ("gnmt", "avg", "none"),
+    "train.precision": ("fp32", "bf16"),
+    "decode.precision": ("fp32", "bf16"),
 }
 
 

@@ -43,37 +43,47 @@ def max_lengths(src_lens: torch.Tensor, a: float, b: int) -> torch.Tensor:
 @torch.no_grad()
 def greedy_search(model: Seq2Seq, src_ids, src_lens, max_len_a=1.5, max_len_b=10,
                   length_penalty="none", alpha=0.0) -> list[Hypothesis]:
-    """The most probable token at each step; scores normalised like beam search's."""
-    batch = src_ids.size(0)
+    """The most probable token at each step; scores normalised like beam search's. A sentence
+    that has produced EOS leaves the batch, so the last steps only compute the long ones."""
+    batch, device = src_ids.size(0), src_ids.device
     memory, state = model.encode(src_ids, src_lens)
-    limits = max_lengths(src_lens, max_len_a, max_len_b).to(src_ids.device)
-    prev = bos_column(batch, src_ids.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=src_ids.device)
-    log_probs = torch.zeros(batch, device=src_ids.device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=src_ids.device)
-    tokens, weights = [], []
-    for step in range(int(limits.max())):
+    limits = max_lengths(src_lens, max_len_a, max_len_b).to(device)
+    max_steps = int(limits.max())
+    live = torch.arange(batch, device=device)  # the sentence of each row still decoding
+    tokens = torch.zeros(batch, max_steps, dtype=torch.long, device=device)
+    attention = None  # (batch, max_steps, src_len)
+    log_probs = torch.zeros(batch, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    prev = bos_column(batch, device)
+    for step in range(max_steps):
         logits, state, attn = model.decode_step(prev, state, memory)
         step_log_probs = torch.log_softmax(logits.float(), dim=-1)
-        at_limit = limits <= step + 1  # the last position allowed must be EOS
-        step_log_probs[at_limit] = _only_eos(step_log_probs[at_limit])
+        at_limit = limits[live] <= step + 1  # the last position allowed must be EOS
+        if bool(at_limit.any()):
+            step_log_probs[at_limit] = _only_eos(step_log_probs[at_limit])
         best_log_prob, best = step_log_probs.max(dim=-1)
-        log_probs += best_log_prob.masked_fill(finished, 0.0)
-        lengths += (~finished).long()
-        tokens.append(best)
-        weights.append(attn)
-        finished |= best == EOS_ID
-        prev = best
-        if bool(finished.all()):
+        tokens[live, step] = best
+        log_probs[live] += best_log_prob
+        lengths[live] += 1
+        if attn is not None:
+            if attention is None:
+                attention = torch.zeros(batch, max_steps, attn.size(1), device=device)
+            attention[live, step] = attn.float()
+        running = best != EOS_ID
+        if not bool(running.any()):
             break
-    tokens = torch.stack(tokens, dim=1).tolist()
-    attention = torch.stack(weights, dim=1) if weights[0] is not None else None
+        if not bool(running.all()):  # finished sentences leave the batch
+            keep = running.nonzero().squeeze(1)
+            live, best = live[keep], best[keep]
+            memory, state = memory.index_select(keep), state.index_select(keep)
+        prev = best
+    tokens, lengths, log_probs = tokens.tolist(), lengths.tolist(), log_probs.tolist()
     results = []
     for row in range(batch):
-        n = int(lengths[row])
-        score = normalise(float(log_probs[row]), n, length_penalty, alpha)
+        n = lengths[row]
+        score = normalise(log_probs[row], n, length_penalty, alpha)
         attn = attention[row, :n, : int(src_lens[row])].cpu() if attention is not None else None
-        results.append(Hypothesis(tokens[row][: n - 1], score, float(log_probs[row]), attn))
+        results.append(Hypothesis(tokens[row][: n - 1], score, log_probs[row], attn))
     return results
 
 
@@ -94,78 +104,91 @@ def beam_search(model: Seq2Seq, src_ids, src_lens, beam_size=5, max_len_a=1.5, m
     rows = torch.arange(batch, device=device).repeat_interleave(k)  # (batch * k,)
     memory, state = memory.index_select(rows), state.index_select(rows)
     limits = max_lengths(src_lens, max_len_a, max_len_b).to(device)  # (batch,)
-    row_limits = limits.repeat_interleave(k)
+    limit_list, src_len_list = limits.tolist(), src_lens.tolist()
+    live = list(range(batch))  # the sentences still searching; each has k consecutive rows
 
     # Only the first row of each beam is live at the start, or the k rows would be k copies.
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
     prev = bos_column(batch * k, device)
     history = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # tokens so far
-    attn_history = None  # (batch * k, steps, src_len)
+    attn_history = None  # (rows, steps, src_len)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    batch_offsets = (torch.arange(batch, device=device) * k).unsqueeze(1)  # (batch, 1)
 
-    for step in range(int(limits.max())):
+    for step in range(max(limit_list)):
+        n = len(live)
         logits, state, attn = model.decode_step(prev, state, memory)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (batch * k, vocab)
-        at_limit = row_limits <= step + 1
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (n * k, vocab)
+        at_limit = torch.tensor([limit_list[s] <= step + 1 for s in live], device=device).repeat_interleave(k)
         if bool(at_limit.any()):
             log_probs[at_limit] = _only_eos(log_probs[at_limit])
         vocab = log_probs.size(-1)
-        candidates = (scores.view(-1, 1) + log_probs).view(batch, k * vocab)
+        candidates = (scores.view(-1, 1) + log_probs).view(n, k * vocab)
         # 2k candidates: even if k of them end in EOS, k live ones remain to fill the beam.
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # (batch, 2k)
-        origin = top_index // vocab  # which beam row each candidate extends
+        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # (n, 2k)
+        origin = top_index // vocab  # which beam row of the sentence each candidate extends
         token = top_index % vocab
         if attn is not None:
-            step_attn = attn.unsqueeze(1)
+            step_attn = attn.float().unsqueeze(1)
             attn_history = step_attn if attn_history is None else torch.cat([attn_history, step_attn], 1)
 
-        # Candidates ending in EOS among the top k finish (unless the sentence is already done).
+        # Candidates ending in EOS among the top k finish, with their attention.
         is_eos = (token == EOS_ID) & torch.isfinite(top_scores)
-        finishing = is_eos.clone()
-        finishing[:, k:] = False
-        finishing &= ~done.unsqueeze(1)
-        for sent, cand in finishing.nonzero().tolist():
-            if len(finished[sent]) >= k:
-                continue
-            source_row = int(batch_offsets[sent, 0] + origin[sent, cand])
-            raw = float(top_scores[sent, cand])
-            length = step + 1
-            hyp_attn = None
-            if attn_history is not None:
-                hyp_attn = attn_history[source_row, :, : int(src_lens[sent])].cpu()
-            finished[sent].append(Hypothesis(
-                history[source_row].tolist(),
-                normalise(raw, length, length_penalty, alpha), raw, hyp_attn,
-            ))
-        done |= torch.tensor([len(f) >= k for f in finished], device=device)
-        done |= limits <= step + 1  # a sentence at its length limit has finished all it can
-        if bool(done.all()):
+        finishing = is_eos[:, :k].nonzero().tolist()
+        if finishing:
+            finishing_scores = top_scores[:, :k].tolist()
+            finishing_origin = origin[:, :k].tolist()
+            for i, cand in finishing:
+                sent = live[i]
+                if len(finished[sent]) >= k:
+                    continue
+                source_row = i * k + finishing_origin[i][cand]
+                raw = finishing_scores[i][cand]
+                hyp_attn = None
+                if attn_history is not None:
+                    hyp_attn = attn_history[source_row, :, : src_len_list[sent]].cpu()
+                finished[sent].append(Hypothesis(history[source_row].tolist(),
+                                                 normalise(raw, step + 1, length_penalty, alpha), raw, hyp_attn))
+        # A sentence with k finished hypotheses, or at its length limit, is done and leaves.
+        keep = [i for i, sent in enumerate(live) if len(finished[sent]) < k and limit_list[sent] > step + 1]
+        if not keep:
             break
 
         # Refill each beam with its k best candidates that did not end in EOS.
         live_scores = top_scores.masked_fill(is_eos, float("-inf"))
-        scores, pick = live_scores.topk(k, dim=1)  # (batch, k)
-        source_rows = (batch_offsets + origin.gather(1, pick)).view(-1)
-        prev = token.gather(1, pick).view(-1)
+        scores, pick = live_scores.topk(k, dim=1)  # (n, k)
+        source_rows = torch.arange(n, device=device).unsqueeze(1) * k + origin.gather(1, pick)
+        prev = token.gather(1, pick)
+        if len(keep) < n:
+            kept = torch.tensor(keep, device=device)
+            scores, source_rows, prev = scores[kept], source_rows[kept], prev[kept]
+            memory = memory.index_select((kept.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1))
+            live = [live[i] for i in keep]
+        source_rows, prev = source_rows.view(-1), prev.view(-1)
         history = torch.cat([history.index_select(0, source_rows), prev.unsqueeze(1)], dim=1)
         if attn_history is not None:
             attn_history = attn_history.index_select(0, source_rows)
         state = state.index_select(source_rows)
-        scores = scores.masked_fill(done.unsqueeze(1), float("-inf"))
 
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
 
 
 def search_corpus(model: Seq2Seq, src_seqs: list, device, beam_size: int = 1, batch_size: int = 64,
                   max_len_a: float = 1.5, max_len_b: int = 10, length_penalty: str = "gnmt",
-                  alpha: float = 0.6, nbest: int = 1) -> list[list[Hypothesis]]:
+                  alpha: float = 0.6, nbest: int = 1, precision: str = "fp32") -> list[list[Hypothesis]]:
     """Decode many sentences (lists of source ids) in length-sorted batches, in input order.
 
     Beam size 1 is greedy search. An empty source gives an empty hypothesis without decoding.
     """
+    from nmt.model import autocast
+
+    with autocast(device, precision):
+        return _search_corpus(model, src_seqs, device, beam_size, batch_size, max_len_a, max_len_b,
+                              length_penalty, alpha, nbest)
+
+
+def _search_corpus(model, src_seqs, device, beam_size, batch_size, max_len_a, max_len_b,
+                   length_penalty, alpha, nbest) -> list[list[Hypothesis]]:
     import numpy as np
 
     from nmt.batches import pad, sentence_batches

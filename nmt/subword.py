@@ -130,6 +130,21 @@ class EncodedSplit:
             raise NmtError(f"{path}: corrupt encoded split ({err}); rerun `nmt spm`") from None
 
 
+def output_vocabulary(train: EncodedSplit) -> np.ndarray:
+    """The SentencePiece ids that occur in the training targets, plus the specials: the output
+    layer's vocabulary, where output id i is SentencePiece id vocab[i]. A piece that never occurs
+    in the targets can never be learned, so computing its probability would be wasted work (with a
+    joint model, that is most of the other language's pieces). The specials keep their ids."""
+    return np.union1d(np.arange(4), np.unique(train.tgt_ids)).astype(np.int64)
+
+
+def to_output_ids(spm_ids: np.ndarray, vocab: np.ndarray, spm_size: int) -> np.ndarray:
+    """SentencePiece ids → output ids; pieces outside the vocabulary become unk."""
+    lookup = np.full(spm_size, UNK_ID, dtype=np.int32)
+    lookup[vocab] = np.arange(len(vocab), dtype=np.int32)
+    return lookup[spm_ids]
+
+
 def run_spm_stage(config: Config, exp_dir: Path) -> dict:
     """Train SentencePiece on the cleaned training split and encode every split."""
     data_dir, out = exp_dir / "data", exp_dir / "spm"
@@ -164,10 +179,15 @@ def run_spm_stage(config: Config, exp_dir: Path) -> dict:
             "tgt_tokens": int(tgt_offsets[-1]),
         }
 
+    output_vocab = None
+    if config.subword.restrict_target:
+        output_vocab = output_vocabulary(EncodedSplit.load(out / "train.npz")).tolist()
     save_config(config, out / "config.yaml")
     manifest = {
         "models": models,
-        "vocab_size": {"src": subwords.src.get_piece_size(), "tgt": subwords.tgt.get_piece_size()},
+        "vocab_size": {"src": subwords.src.get_piece_size(), "tgt": subwords.tgt.get_piece_size(),
+                       "output": len(output_vocab) if output_vocab else subwords.tgt.get_piece_size()},
+        "output_vocab": output_vocab,
         "splits": splits,
         "config": config_to_dict(config),
         "versions": versions(),

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -30,9 +31,9 @@ from nmt.config import Config, config_to_dict, save_config
 from nmt.errors import NmtError
 from nmt.evaluate import score
 from nmt.io import read_lines, versions, write_json
-from nmt.model import Seq2Seq, build_model
+from nmt.model import Seq2Seq, autocast, build_model
 from nmt.search import search_corpus
-from nmt.subword import PAD_ID, EncodedSplit, Subwords
+from nmt.subword import PAD_ID, EncodedSplit, Subwords, to_output_ids
 from nmt.translate import resolve_device
 
 LOG_EVERY = 20  # updates between train records in metrics.jsonl
@@ -105,7 +106,13 @@ class Trainer:
         self.valid_split = EncodedSplit.load(spm_dir / "valid.npz")
         self.valid_refs = read_lines(exp_dir / "data" / "valid.tgt")
         vocab = self.manifest["vocab_size"]
-        self.model = build_model(config.model, vocab["src"], vocab["tgt"]).to(self.device)
+        self.output_vocab = self.manifest.get("output_vocab")  # None: all SentencePiece ids
+        if self.output_vocab is not None:
+            vocab_ids = np.asarray(self.output_vocab)
+            for split in (self.train_split, self.valid_split):
+                split.tgt_ids = to_output_ids(split.tgt_ids, vocab_ids, vocab["tgt"])
+        output_size = len(self.output_vocab) if self.output_vocab is not None else vocab["tgt"]
+        self.model = build_model(config.model, vocab["src"], output_size).to(self.device)
         self.train_model = self.model  # what the training forward runs: the model or its DDP wrapper
         if self.world.active:
             self.train_model = DistributedDataParallel(
@@ -129,7 +136,8 @@ class Trainer:
             "config": config_to_dict(self.config),
             "spm": {side: path.read_bytes() for side, path in self.spm_paths.items()},
             "spm_paths": {side: str(path) for side, path in self.spm_paths.items()},
-            "vocab_size": self.manifest["vocab_size"],
+            "vocab_size": {**self.manifest["vocab_size"], "output": self.model.tgt_vocab_size},
+            "output_vocab": self.output_vocab,
             "num_parameters": self.model.num_parameters(),
             "versions": versions(),
         }
@@ -174,15 +182,18 @@ class Trainer:
         total_loss, total_tokens = 0.0, 0
         for indices in token_batches(self.valid_split, self.config.train.batch_tokens, 0, 0, shuffle=False):
             batch = collate(self.valid_split, indices).to(self.device)
-            loss, tokens = batch_loss(self.model, batch)
+            with autocast(self.device, self.config.train.precision):
+                loss, tokens = batch_loss(self.model, batch)
             total_loss += float(loss) * tokens
             total_tokens += tokens
         decode = self.config.decode
         src_seqs = [self.valid_split.src(i).tolist() for i in range(len(self.valid_split))]
         hyps = search_corpus(self.model, src_seqs, self.device, beam_size=1,
                              batch_size=decode.batch_size, max_len_a=decode.max_len_a,
-                             max_len_b=decode.max_len_b)
-        texts = self.subwords.decode_tgt([h[0].tokens for h in hyps])
+                             max_len_b=decode.max_len_b, precision=self.config.train.precision)
+        vocab = self.output_vocab
+        texts = self.subwords.decode_tgt([[vocab[t] for t in h[0].tokens] if vocab else h[0].tokens
+                                          for h in hyps])
         self.model.train()
         valid_loss = total_loss / max(1, total_tokens)
         return {"valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0)),
@@ -333,7 +344,8 @@ def _epochs(trainer: Trainer, metrics, stop: dict) -> bool:
         while p.batch_in_epoch < usable:
             started = time.perf_counter()
             batch = collate(trainer.train_split, batches[p.batch_in_epoch + world.rank]).to(trainer.device)
-            loss, tokens = batch_loss(model, batch, t.label_smoothing)
+            with autocast(trainer.device, t.precision):
+                loss, tokens = batch_loss(model, batch, t.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # under DDP, this also averages the gradients over the ranks
             grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), t.clip_norm or math.inf)

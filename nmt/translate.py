@@ -9,7 +9,7 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
-from nmt.align import hard_alignment, merge_attention
+from nmt.align import hard_alignment, merge_attention, words_of
 from nmt.checkpoint import load_checkpoint, load_state
 from nmt.config import DecodeConfig, config_from_dict
 from nmt.errors import NmtError
@@ -50,7 +50,12 @@ class Translator:
         vocab = payload["vocab_size"]
         if (self.src_spm.get_piece_size(), self.tgt_spm.get_piece_size()) != (vocab["src"], vocab["tgt"]):
             raise NmtError(f"{path}: SentencePiece models do not match the model's vocabulary")
-        self.model = build_model(self.config.model, vocab["src"], vocab["tgt"])
+        # Output id i is SentencePiece id output_vocab[i] (see subword.output_vocabulary).
+        self.output_vocab = payload.get("output_vocab")
+        output_size = vocab.get("output", vocab["tgt"])
+        if self.output_vocab is not None and len(self.output_vocab) != output_size:
+            raise NmtError(f"{path}: its output vocabulary does not match the model")
+        self.model = build_model(self.config.model, vocab["src"], output_size)
         load_state(self.model, payload["model"], path)
         self.model.to(self.device).eval()
 
@@ -75,19 +80,28 @@ class Translator:
             self.model, src_seqs, self.device, beam_size=beam_size or decode.beam_size,
             batch_size=batch_size or decode.batch_size, max_len_a=decode.max_len_a,
             max_len_b=decode.max_len_b, length_penalty=decode.length_penalty, alpha=decode.alpha,
-            nbest=nbest,
+            nbest=nbest, precision=decode.precision,
         )
 
+    def target_ids(self, hyp: Hypothesis) -> list[int]:
+        """The hypothesis as SentencePiece ids."""
+        vocab = self.output_vocab
+        return [vocab[t] for t in hyp.tokens] if vocab is not None else list(hyp.tokens)
+
+    def target_pieces(self, hyp: Hypothesis) -> list[str]:
+        return [self.tgt_spm.id_to_piece(t) for t in self.target_ids(hyp)]
+
     def detokenize(self, hyp: Hypothesis) -> str:
-        return self.tgt_spm.decode(hyp.tokens)
+        return self.tgt_spm.decode(self.target_ids(hyp))
 
     def word_alignment(self, source: str, hyp: Hypothesis) -> str:
         """Hard word alignment from the hypothesis' attention ('' without attention or words)."""
         if hyp.attention is None or not hyp.tokens:
             return ""
         src_pieces = self.src_spm.encode(source, out_type=str)
-        tgt_pieces = [self.tgt_spm.id_to_piece(t) for t in hyp.tokens]
-        return hard_alignment(merge_attention(hyp.attention[:-1], src_pieces, tgt_pieces))
+        tgt_pieces = self.target_pieces(hyp)
+        merged = merge_attention(hyp.attention[:-1], src_pieces, tgt_pieces)
+        return hard_alignment(merged, words_of(tgt_pieces))
 
     def translate(self, lines: list[str], beam_size: int | None = None,
                   batch_size: int | None = None) -> list[str]:

@@ -73,7 +73,9 @@ def trained_exp(mirror, tmp_path_factory):
     previous = os.environ.get("NMT_DATA_MIRROR")
     os.environ["NMT_DATA_MIRROR"] = str(mirror)
     try:
-        config = load_recipe("de-en", TINY_OVERRIDES)
+        # Enough updates (and a high learning rate) for the tiny model to say more than EOS.
+        config = load_recipe("de-en", [*TINY_OVERRIDES, "train.max_steps=100", "train.lr=0.01",
+                                       "train.valid_every=50"])
         exp = tmp_path_factory.mktemp("trained") / "exp"
         run_data_stage(config, exp)
         run_spm_stage(config, exp)

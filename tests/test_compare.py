@@ -85,7 +85,9 @@ def test_compare_end_to_end(mirror, tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     monkeypatch.setenv("NMT_DATA_MIRROR", str(mirror))
     exp = tmp_path / "de-en"
-    overrides = [arg for o in TINY_OVERRIDES for arg in ("--set", o)]
+    # Enough updates for the tiny models to say more than EOS, so that there is something to draw.
+    overrides = [arg for o in [*TINY_OVERRIDES, "train.max_steps=60", "train.valid_every=30", "train.lr=0.005"]
+                 for arg in ("--set", o)]
     assert main(["compare", "de-en", "--exp", str(exp), *overrides]) == 0
     out = exp / "compare"
     report = (out / "report.md").read_text()
@@ -101,3 +103,22 @@ def test_compare_end_to_end(mirror, tmp_path, monkeypatch, capsys):
     # A second run reuses both trained models.
     assert main(["compare", "de-en", "--exp", str(exp), *overrides]) == 0
     assert capsys.readouterr().out.count("reusing the trained model") == 2
+
+
+def test_pieces_merge_into_words_sum_over_source_average_over_target():
+    from nmt.align import hard_alignment, merge_attention, word_index, words_of
+
+    src = ["▁Ein", "▁Mann", "s", "▁", "„"]  # words: Ein | Manns | „
+    tgt = ["▁A", "▁man", "'", "▁", "▁"]  # words: A | man' | (a bare space: no word)
+    assert word_index(src) == [0, 1, 1, 2, 2] and words_of(src) == ["Ein", "Manns", "„"]
+    assert word_index(tgt) == [0, 1, 1, 2, 2]
+    attention = torch.tensor([[0.7, 0.1, 0.1, 0.05, 0.05],
+                              [0.0, 0.5, 0.3, 0.1, 0.1],
+                              [0.2, 0.2, 0.2, 0.2, 0.2],
+                              [0.0, 0.0, 0.0, 0.5, 0.5],
+                              [0.0, 0.0, 0.0, 1.0, 0.0]])
+    merged = merge_attention(attention, src, tgt)
+    torch.testing.assert_close(merged[0], torch.tensor([0.7, 0.2, 0.1]))
+    torch.testing.assert_close(merged[1], torch.tensor([0.1, 0.6, 0.3]))  # mean of two rows
+    torch.testing.assert_close(merged.sum(-1), torch.ones(3))
+    assert hard_alignment(merged, words_of(tgt)) == "0-0 1-1"

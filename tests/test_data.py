@@ -134,3 +134,13 @@ def test_make_lists_the_stages_in_order(tmp_path):
     stages = [line.split("/nmt ")[1].split()[0] for line in commands]
     assert stages == ["data", "spm", "train", "evaluate"]
     assert all("--set train.max_epochs=3" in line for line in commands)
+
+
+def test_output_vocabulary_is_the_pieces_of_the_training_targets(tiny_exp):
+    config, exp = tiny_exp
+    manifest = json.loads((exp / "spm" / "manifest.json").read_text())
+    vocab = manifest["output_vocab"]
+    train = EncodedSplit.load(exp / "spm" / "train.npz")
+    assert vocab[:4] == [0, 1, 2, 3] and vocab == sorted(vocab)
+    assert set(vocab) == set(train.tgt_ids.tolist()) | {0, 1, 2, 3}
+    assert manifest["vocab_size"]["output"] == len(vocab) < manifest["vocab_size"]["tgt"]

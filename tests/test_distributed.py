@@ -14,9 +14,7 @@ import torch
 
 from nmt.batches import collate, token_batches
 from nmt.checkpoint import load_checkpoint
-from nmt.model import build_model
-from nmt.subword import EncodedSplit
-from nmt.train import batch_loss
+from nmt.train import Trainer, batch_loss
 
 from .conftest import ROOT, TINY_OVERRIDES
 
@@ -34,11 +32,8 @@ def torchrun(exp, *overrides, nproc=2):
 def reference_parameters(config, exp, world=2):
     """One process, one update per group of `world` batches, gradients averaged as DDP does."""
     t = config.train
-    torch.manual_seed(t.seed)
-    manifest = json.loads((exp / "spm" / "manifest.json").read_text())
-    model = build_model(config.model, manifest["vocab_size"]["src"], manifest["vocab_size"]["tgt"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas))
-    split = EncodedSplit.load(exp / "spm" / "train.npz")
+    trainer = Trainer(config, exp)  # the same model, optimizer and data, as one process
+    model, optimizer, split = trainer.model, trainer.optimizer, trainer.train_split
     batches = token_batches(split, t.batch_tokens, t.seed, 0, t.max_len)
     model.train()
     for step in range(STEPS):

@@ -136,6 +136,7 @@ def test_time_budget_stops_cleanly(tiny_exp):
     config.train.max_steps = 0
     config.train.max_minutes = 0.05  # 3 seconds
     config.train.max_epochs = 1000
+    config.train.patience = 0
     summary = train(config, exp)
     assert 3.0 <= summary["wall_seconds"] < 30.0
     assert (exp / "model" / "summary.json").is_file() and summary["steps"] > 0
