@@ -143,8 +143,10 @@ class Decoder(nn.Module):
     def init_state(self, summary: torch.Tensor) -> DecoderState:
         layers, size = self.cfg.dec_layers, self.cfg.decoder_size
 
-        def bridge(linear):  # (batch, enc) → (layers, batch, decoder_size)
-            return torch.tanh(linear(summary)).view(-1, layers, size).transpose(0, 1).contiguous()
+        def bridge(linear):  # (batch, enc) → (layers, batch, decoder_size), in the parameters'
+            # precision: under bf16 autocast the state must still start (and stay) in fp32
+            state = torch.tanh(linear(summary)).to(linear.weight.dtype)
+            return state.view(-1, layers, size).transpose(0, 1).contiguous()
 
         cell = bridge(self.bridge_cell) if self.bridge_cell is not None else None
         output = summary.new_zeros(summary.size(0), self.cfg.output_size) if self.cfg.input_feeding else None

@@ -92,3 +92,32 @@ def test_parameter_count_matches_the_modules():
     encoder = sum(p.numel() for p in model.encoder.parameters())
     decoder = sum(p.numel() for p in model.decoder.parameters())
     assert model.num_parameters() == encoder + decoder > 0
+
+
+def test_bf16_autocast_trains_and_keeps_state_and_attention_in_fp32():
+    from nmt.model import autocast
+    from nmt.search import search_corpus
+
+    torch.manual_seed(0)
+    model = build_model(small_config(), VOCAB, VOCAB)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(40):
+        sources = random_strings(rng, 32, 3, 6)
+        with autocast("cpu", "bf16"):
+            loss, _ = batch_loss(model, make_batch(sources, sources))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
+    model.eval()
+    with torch.no_grad(), autocast("cpu", "bf16"):
+        batch = make_batch(sources[:4], sources[:4])
+        memory, state = model.encode(batch.src_ids, batch.src_lens)
+        _, state, weights = model.decode_step(batch.tgt_in[:, 0], state, memory)
+    assert state.hidden.dtype == torch.float32 and weights.dtype == torch.float32
+    hyp = search_corpus(model, sources[:4], "cpu", beam_size=3, precision="bf16")[0][0]
+    torch.testing.assert_close(hyp.attention.sum(-1), torch.ones(hyp.attention.size(0)))
