@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from nmt.align import hard_alignment, merge_attention, words_of
-from nmt.checkpoint import load_checkpoint, load_state
+from nmt.checkpoint import find_checkpoint, load_checkpoint, load_state
 from nmt.config import DecodeConfig, config_from_dict
 from nmt.errors import NmtError
 from nmt.model import build_model
@@ -61,11 +61,8 @@ class Translator:
 
     @classmethod
     def from_path(cls, path: Path, device: str = "cpu") -> Translator:
-        payload = load_checkpoint(Path(path))
-        from nmt.checkpoint import find_checkpoint
-
-        resolved = find_checkpoint(Path(path)) if Path(path).is_dir() else Path(path)
-        return cls(payload, resolved, device)
+        path = find_checkpoint(Path(path)) if Path(path).is_dir() else Path(path)
+        return cls(load_checkpoint(path), path, device)
 
     def search(self, lines: list[str], beam_size: int | None = None, batch_size: int | None = None,
                nbest: int = 1, decode: DecodeConfig | None = None) -> list[list[Hypothesis]]:
