@@ -198,13 +198,18 @@ def run_nmt(minutes: float, limit: int, work: Path) -> dict:
 # -- an anchor from ../shared/bench/anchors, run by its own script ----------------------------
 
 
+# Each anchor decodes at its best batch size in the sweep of RESULTS.md (sentences per batch):
+# Joey does not depend on it (its default, 64); OpenNMT-py and fairseq are fastest at 128.
+ANCHOR_DECODE_BATCH = {"joey": "64", "onmt": "128", "fairseq": "128"}
+
+
 def run_anchor(name: str, minutes: float, work: Path) -> dict:
     script = ANCHORS / f"{name}.sh"
     if not script.is_file():
         sys.exit(f"bench: {script} not found")
     log = work / f"anchor-{name}.log"
     print(f"bench: running the {name} anchor for {minutes} min (log: {log})", flush=True)
-    environment = dict(env(), BUDGET=str(int(minutes * 60)))
+    environment = dict(env(), BUDGET=str(int(minutes * 60)), DEC_BS=ANCHOR_DECODE_BATCH[name])
     with open(log, "w") as f:
         status = subprocess.run(["bash", str(script), "all"], cwd=ROOT, env=environment, stdout=f,
                                 stderr=subprocess.STDOUT).returncode

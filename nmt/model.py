@@ -43,12 +43,17 @@ class Memory:
     summary: torch.Tensor  # (batch, enc_size): the fixed context c of the baseline
     # The fixed context's share of the decoder RNN's input gates, W_c c: the same at every step.
     summary_gates: torch.Tensor | None = None  # (batch, gates * decoder_size)
+    # The blocks of the decoder's input weights W_ih that multiply c_i and t_{i-1} at every step,
+    # cast once per batch to the autocast dtype: autocast caches the cast of a whole parameter
+    # but casts a slice of one again at every use (see Decoder.prepare). Not per sentence.
+    context_weight: torch.Tensor | None = None
+    feed_weight: torch.Tensor | None = None
 
     def index_select(self, index: torch.Tensor) -> Memory:
         def pick(x):
             return None if x is None else x.index_select(0, index)
         return Memory(pick(self.keys), pick(self.values), pick(self.src_mask), pick(self.summary),
-                      pick(self.summary_gates))
+                      pick(self.summary_gates), self.context_weight, self.feed_weight)
 
 
 @dataclass
@@ -159,15 +164,27 @@ class Decoder(nn.Module):
     # weighing them at each step would save FLOPs too, but the weighing then reads batch × src_len
     # × gates values per step and measured 5-10% slower here than W_c c_i.)
 
-    def _input_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _input_weights(self, dtype: torch.dtype | None = None):
+        """W_ih's blocks for the embedding, the context (or None) and the fed output (or None)."""
         w, e = self.rnn.weight_ih_l0, self.cfg.embed_size
+        w = w if dtype is None else w.to(dtype)
         context = w[:, e : e + self.enc_size] if self.attends_first else None
         fed = w[:, w.size(1) - self.cfg.output_size :] if self.cfg.input_feeding else None
         return w[:, :e], context, fed
 
     def prepare(self, memory: Memory) -> Memory:
+        """Once per batch: what every decoder step reads, in the precision it computes in. Under
+        bf16 autocast the per-step products would otherwise cast the encoder states and the
+        weight blocks again at every step, and keep each copy for the backward pass."""
+        dtype = autocast_dtype(memory.values.device)
+        _, memory.context_weight, memory.feed_weight = self._input_weights(dtype)
+        if dtype is not None:
+            same = memory.keys is memory.values  # Luong dot: the keys are the states
+            memory.values = memory.values.to(dtype)
+            if memory.keys is not None:
+                memory.keys = memory.values if same else memory.keys.to(dtype)
         if self.attention is None:
-            memory.summary_gates = F.linear(memory.summary, self._input_weights()[1])
+            memory.summary_gates = F.linear(memory.summary, memory.context_weight)
         return memory
 
     def project_embeddings(self, embedded: torch.Tensor) -> torch.Tensor:
@@ -185,9 +202,9 @@ class Decoder(nn.Module):
             else:
                 weights = self.attention(state.hidden[-1], memory.keys, memory.src_mask)  # from s_{i-1}
                 context = self.context(weights, memory)
-                gates = gates + F.linear(context, self._input_weights()[1])
+                gates = gates + F.linear(context, memory.context_weight)
         if state.output is not None:  # input feeding: t_{i-1}
-            gates = gates + F.linear(state.output, self._input_weights()[2])
+            gates = gates + F.linear(state.output, memory.feed_weight)
         hiddens, cells = [], []
         for layer in range(self.cfg.dec_layers):
             if layer > 0:
@@ -307,6 +324,13 @@ def autocast(device: torch.device | str, precision: str):
     if precision == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matrix products in right now on this device, or None."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -31,6 +30,7 @@ from nmt.config import Config, config_to_dict, save_config
 from nmt.errors import NmtError
 from nmt.evaluate import score
 from nmt.io import read_lines, versions, write_json
+from nmt.loss import projected_cross_entropy
 from nmt.model import Seq2Seq, autocast, build_model
 from nmt.search import search_corpus
 from nmt.subword import PAD_ID, EncodedSplit, Subwords, to_output_ids
@@ -56,12 +56,13 @@ class Progress:
 
 def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy per real target token. The vocabulary projection runs once over the
-    non-pad positions of the whole batch, not once per decoder step."""
+    non-pad positions of the whole batch, not once per decoder step (see nmt.loss)."""
     outputs, _ = model(batch.src_ids, batch.src_lens, batch.tgt_in)  # (batch, tgt_len, output)
     real = batch.tgt_out != PAD_ID
-    core = model.module if isinstance(model, DistributedDataParallel) else model
-    logits = core.decoder.logits(outputs[real])  # (tokens, vocab)
-    loss = F.cross_entropy(logits.float(), batch.tgt_out[real], label_smoothing=label_smoothing)
+    decoder = (model.module if isinstance(model, DistributedDataParallel) else model).decoder
+    hidden = decoder.dropout(outputs[real])  # (tokens, output): what decoder.logits projects
+    loss = projected_cross_entropy(hidden, decoder.output.weight, decoder.output.bias,
+                                   batch.tgt_out[real], label_smoothing)
     return loss, int(real.sum())
 
 
