@@ -1,0 +1,87 @@
+"""Where a training step's time and memory go: torch.profiler over a few updates of the bench model.
+
+    python bench/profile.py [--steps 20] [--precision bf16] [--exp bench/out/<date>/exp]
+
+Needs an experiment directory with the data and spm stages done (any `make bench` run leaves one
+in bench/out/<date>/exp; the newest is used by default). Prints the operators by self CPU time
+(forward and backward), the share of the time in matrix products, and the peak RSS of each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nmt.batches import collate, token_batches  # noqa: E402
+from nmt.config import load_recipe  # noqa: E402
+from nmt.model import autocast  # noqa: E402
+from nmt.train import Trainer, batch_loss  # noqa: E402
+
+MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul",
+                   "aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward"}
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmHWM"].split()[0]) / 1024
+
+
+def newest_exp() -> Path:
+    runs = sorted(p for p in (ROOT / "bench" / "out").glob("*/exp") if (p / "spm" / "manifest.json").is_file())
+    if not runs:
+        sys.exit("bench/profile.py: no bench/out/<date>/exp with a finished spm stage; run `make bench QUICK=1`")
+    return runs[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--exp", type=Path, default=None)
+    args = parser.parse_args()
+    exp = args.exp or newest_exp()
+    config = load_recipe(str(ROOT / "bench" / "m30k-de-en.yaml"), [f"train.precision={args.precision}"])
+    trainer = Trainer(config, exp)
+    model, optimizer = trainer.train_model, trainer.optimizer
+    batches = token_batches(trainer.train_split, config.train.batch_tokens, config.train.seed, 0)
+
+    def update(indices) -> int:
+        batch = collate(trainer.train_split, indices).to(trainer.device)
+        with autocast(trainer.device, args.precision):
+            loss, tokens = batch_loss(model, batch, config.train.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.clip_norm)
+        optimizer.step()
+        return tokens
+
+    for indices in batches[:5]:  # warm-up: first-use costs (oneDNN kernels, Adam state)
+        update(indices)
+    measured = batches[5 : 5 + args.steps]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        started, tokens = time.perf_counter(), 0
+        for indices in measured:
+            tokens += update(indices)
+        seconds = time.perf_counter() - started
+    averages = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in averages)
+    products = sum(e.self_cpu_time_total for e in averages if e.key in MATRIX_PRODUCTS)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40))
+    print(f"{len(measured)} updates, {tokens} target tokens in {seconds:.1f} s under the profiler "
+          f"({tokens / seconds:.0f} tok/s; the profiler adds overhead per operator)")
+    print(f"matrix products: {100 * products / total:.0f}% of the operators' self CPU time; "
+          f"peak RSS {peak_rss_mib():.0f} MiB; {os.environ.get('OMP_NUM_THREADS', '?')} OMP threads")
+
+
+if __name__ == "__main__":
+    main()
