@@ -1,6 +1,6 @@
 """Where a training step's time and memory go: torch.profiler over a few updates of the bench model.
 
-    python bench/profile.py [--steps 20] [--precision bf16] [--exp bench/out/<date>/exp]
+    python bench/profile_step.py [--steps 20] [--precision bf16] [--exp bench/out/<date>/exp]
 
 Needs an experiment directory with the data and spm stages done (any `make bench` run leaves one
 in bench/out/<date>/exp; the newest is used by default). Prints the operators by self CPU time
@@ -39,7 +39,7 @@ def peak_rss_mib() -> float:
 def newest_exp() -> Path:
     runs = sorted(p for p in (ROOT / "bench" / "out").glob("*/exp") if (p / "spm" / "manifest.json").is_file())
     if not runs:
-        sys.exit("bench/profile.py: no bench/out/<date>/exp with a finished spm stage; run `make bench QUICK=1`")
+        sys.exit("bench/profile_step.py: no bench/out/<date>/exp with a finished spm stage; run `make bench QUICK=1`")
     return runs[-1]
 
 
@@ -80,7 +80,7 @@ def main() -> None:
     print(f"{len(measured)} updates, {tokens} target tokens in {seconds:.1f} s under the profiler "
           f"({tokens / seconds:.0f} tok/s; the profiler adds overhead per operator)")
     print(f"matrix products: {100 * products / total:.0f}% of the operators' self CPU time; "
-          f"peak RSS {peak_rss_mib():.0f} MiB; {os.environ.get('OMP_NUM_THREADS', '?')} OMP threads")
+          f"peak RSS {peak_rss_mib():.0f} MiB (the profiler's event records included); {os.environ.get('OMP_NUM_THREADS', '?')} OMP threads")
 
 
 if __name__ == "__main__":
