@@ -45,7 +45,8 @@ class Memory:
     summary_gates: torch.Tensor | None = None  # (batch, gates * decoder_size)
     # The blocks of the decoder's input weights W_ih that multiply c_i and t_{i-1} at every step,
     # cast once per batch to the autocast dtype: autocast caches the cast of a whole parameter
-    # but casts a slice of one again at every use (see Decoder.prepare). Not per sentence.
+    # but casts a slice of one again at every use (see Decoder.prepare). They are shared by all
+    # sentences, so index_select passes them on unchanged.
     context_weight: torch.Tensor | None = None
     feed_weight: torch.Tensor | None = None
 
