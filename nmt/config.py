@@ -105,6 +105,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # write last.pt every this many updates
     max_len: int = 100  # training pairs longer than this (subword tokens) are skipped
     precision: str = "fp32"  # fp32 | bf16: matrix products in bfloat16 (autocast), state in fp32
+    compile: bool = False  # torch.compile the decoder step of training (fuses its small ops)
 
 
 @dataclass
