@@ -62,10 +62,11 @@ lint: $(INSTALLED)
 
 # The speed/quality benchmark (bench/run.py): QUICK=1 for a few minutes, ANCHOR=joey|onmt|fairseq
 # to run that toolkit's anchor script from ../shared/bench/anchors in the same invocation.
+# SET="train.compile=true ..." overrides recipe keys of nmt's training run.
 QUICK ?=
 ANCHOR ?=
 bench: $(INSTALLED)
-	$(VENV)/bin/python bench/run.py $(if $(QUICK),--quick) $(foreach a,$(ANCHOR),--anchor $(a))
+	$(VENV)/bin/python bench/run.py $(if $(QUICK),--quick) $(foreach a,$(ANCHOR),--anchor $(a)) $(foreach s,$(SET),--set $(s))
 
 # The stages. Installing is order-only: reinstalling must not make trained models look stale.
 $(STATS): $(RECIPE_FILE) | $(INSTALLED)

@@ -147,9 +147,9 @@ def decode_main(exp: Path, limit: int, out: Path) -> None:
 # -- the nmt run ------------------------------------------------------------------------------
 
 
-def run_nmt(minutes: float, limit: int, work: Path) -> dict:
+def run_nmt(minutes: float, limit: int, work: Path, settings: list[str]) -> dict:
     exp = work / "exp"
-    overrides = ["--set", f"train.max_minutes={minutes}"]
+    overrides = [arg for setting in [f"train.max_minutes={minutes}", *settings] for arg in ("--set", setting)]
     for stage in ("data", "spm"):
         status, _, _ = run_child(nmt(stage, str(RECIPE), "--exp", str(exp)), work / f"{stage}.log")
         if status != 0:
@@ -268,6 +268,8 @@ def main() -> None:
     parser.add_argument("--anchor", choices=["joey", "onmt", "fairseq"], action="append", default=[],
                         help="also run this anchor's script in the same invocation (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key of nmt's training run, e.g. train.compile=true (repeatable)")
     parser.add_argument("--decode-only", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--decode-out", type=Path, help=argparse.SUPPRESS)
@@ -281,13 +283,13 @@ def main() -> None:
     work = args.out / stamp
     work.mkdir(parents=True, exist_ok=True)
     peak = matmul_peak()
-    ours = run_nmt(minutes, limit, work)
+    ours = run_nmt(minutes, limit, work, args.set)
     ours["fp32_peak_gflop_s"] = peak
     ours["fraction_of_peak"] = ours["train_gflop_s"] / peak
     rows = {"nmt": ours}
     for name in args.anchor:
         rows[name] = run_anchor(name, minutes, work)
-    result = {"date": stamp, "minutes": minutes, "test_sentences": limit, "quick": args.quick,
+    result = {"date": stamp, "minutes": minutes, "test_sentences": limit, "quick": args.quick, "set": args.set,
               "results": rows, "ratios": {n: ratios(ours, r) for n, r in rows.items() if n != "nmt"}}
     from nmt.io import versions
 
