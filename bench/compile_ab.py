@@ -6,8 +6,8 @@ Builds the bench model twice from the same seed, one with `decoder.recur` compil
 both on the same batches in alternating blocks (eager, compiled, eager, ...), so that the
 machine's drift hits both alike. Prints each one's training tok/s, the ratio, and both final
 losses (equal up to rounding: the compiled step computes the same thing, with the same
-dropout masks). Needs an experiment
-directory with the data and spm stages done, as bench/profile_step.py does.
+dropout masks). Needs an experiment directory with the data and spm stages done, as
+bench/profile_step.py does.
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.profile_step import newest_exp  # noqa: E402
-from nmt.batches import collate, token_batches  # noqa: E402
+from bench.profile_step import newest_exp, update  # noqa: E402
+from nmt.batches import token_batches  # noqa: E402
 from nmt.config import load_recipe  # noqa: E402
-from nmt.model import autocast  # noqa: E402
-from nmt.train import Trainer, batch_loss  # noqa: E402
+from nmt.train import Trainer  # noqa: E402
 
 
 def main() -> None:
@@ -44,16 +43,6 @@ def main() -> None:
         trainers[mode] = Trainer(config, exp)  # seeds torch: both start from the same weights
     batches = token_batches(trainers["eager"].train_split, config.train.batch_tokens, config.train.seed, 0)
 
-    def update(trainer: Trainer, indices) -> tuple[int, float]:
-        batch = collate(trainer.train_split, indices).to(trainer.device)
-        with autocast(trainer.device, args.precision):
-            loss, tokens = batch_loss(trainer.train_model, batch, config.train.label_smoothing)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), config.train.clip_norm)
-        trainer.optimizer.step()
-        return tokens, loss.item()
-
     # Each model draws its dropout masks from its own copy of the random stream, as if alone.
     rng = {mode: torch.get_rng_state() for mode in trainers}
     for mode, trainer in trainers.items():  # first-use costs apart: compiling, oneDNN kernels, Adam
@@ -70,8 +59,9 @@ def main() -> None:
             torch.set_rng_state(rng[mode])
             started = time.perf_counter()
             for indices in measured[start : start + args.block]:
-                n, losses[mode] = update(trainer, indices)
+                n, loss = update(trainer, indices)
                 tokens[mode] += n
+            losses[mode] = loss.item()
             seconds[mode] += time.perf_counter() - started
             rng[mode] = torch.get_rng_state()
     speed = {m: tokens[m] / seconds[m] for m in trainers}

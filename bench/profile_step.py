@@ -43,6 +43,20 @@ def newest_exp() -> Path:
     return runs[-1]
 
 
+def update(trainer: Trainer, indices) -> tuple[int, torch.Tensor]:
+    """One plain update (forward, backward, clipping, Adam) on the batch of these pair indices:
+    the trainer's step without its DDP agreement and NaN handling. Returns tokens and loss."""
+    t = trainer.config.train
+    batch = collate(trainer.train_split, indices).to(trainer.device)
+    with autocast(trainer.device, t.precision):
+        loss, tokens = batch_loss(trainer.train_model, batch, t.label_smoothing)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), t.clip_norm)
+    trainer.optimizer.step()
+    return tokens, loss.detach()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -52,26 +66,15 @@ def main() -> None:
     exp = args.exp or newest_exp()
     config = load_recipe(str(ROOT / "bench" / "m30k-de-en.yaml"), [f"train.precision={args.precision}"])
     trainer = Trainer(config, exp)
-    model, optimizer = trainer.train_model, trainer.optimizer
     batches = token_batches(trainer.train_split, config.train.batch_tokens, config.train.seed, 0)
 
-    def update(indices) -> int:
-        batch = collate(trainer.train_split, indices).to(trainer.device)
-        with autocast(trainer.device, args.precision):
-            loss, tokens = batch_loss(model, batch, config.train.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.clip_norm)
-        optimizer.step()
-        return tokens
-
     for indices in batches[:5]:  # warm-up: first-use costs (oneDNN kernels, Adam state)
-        update(indices)
+        update(trainer, indices)
     measured = batches[5 : 5 + args.steps]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         started, tokens = time.perf_counter(), 0
         for indices in measured:
-            tokens += update(indices)
+            tokens += update(trainer, indices)[0]
         seconds = time.perf_counter() - started
     averages = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in averages)
