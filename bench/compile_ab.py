@@ -1,6 +1,6 @@
 """Does `train.compile` pay? Eager and compiled decoder steps on the same batches, in one process.
 
-    python bench/compile_ab.py [--batches 150] [--block 25] [--precision bf16] [--exp bench/out/<date>/exp]
+    python bench/compile_ab.py [--batches 150] [--block 25] [--precision auto|fp32|bf16] [--exp bench/out/<date>/exp]
 
 Builds the bench model twice from the same seed, one with `decoder.recur` compiled, and trains
 both on the same batches in alternating blocks (eager, compiled, eager, ...), so that the
@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=150)
     parser.add_argument("--block", type=int, default=25)
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--exp", type=Path, default=None)
     args = parser.parse_args()
     exp = args.exp or newest_exp()
@@ -68,7 +68,7 @@ def main() -> None:
     for mode in trainers:
         print(f"{mode}: {len(measured)} updates, {speed[mode]:.0f} tok/s, last loss {losses[mode]:.4f}")
     print(f"compiled / eager: {speed['compiled'] / speed['eager']:.2f}x "
-          f"({torch.get_num_threads()} threads, {args.precision})")
+          f"({torch.get_num_threads()} threads, {trainers['eager'].precision.name})")
 
 
 if __name__ == "__main__":

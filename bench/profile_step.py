@@ -1,6 +1,6 @@
 """Where a training step's time and memory go: torch.profiler over a few updates of the bench model.
 
-    python bench/profile_step.py [--steps 20] [--precision bf16] [--exp bench/out/<date>/exp]
+    python bench/profile_step.py [--steps 20] [--precision auto|fp32|bf16] [--exp bench/out/<date>/exp]
 
 Needs an experiment directory with the data and spm stages done (any `make bench` run leaves one
 in bench/out/<date>/exp; the newest is used by default). Prints the operators by self CPU time
@@ -48,7 +48,7 @@ def update(trainer: Trainer, indices) -> tuple[int, torch.Tensor]:
     the trainer's step without its DDP agreement and NaN handling. Returns tokens and loss."""
     t = trainer.config.train
     batch = collate(trainer.train_split, indices).to(trainer.device)
-    with autocast(trainer.device, t.precision):
+    with autocast(trainer.device, trainer.precision.name):
         loss, tokens = batch_loss(trainer.train_model, batch, t.label_smoothing)
     trainer.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -60,7 +60,7 @@ def update(trainer: Trainer, indices) -> tuple[int, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--exp", type=Path, default=None)
     args = parser.parse_args()
     exp = args.exp or newest_exp()

@@ -107,7 +107,7 @@ def cmd_translate(args) -> None:
     translate_stream(
         model=args.model, input_path=args.input, output_path=args.output, beam_size=args.beam,
         batch_size=args.batch_size, nbest=args.nbest, alignments=args.alignments,
-        device=args.device,
+        device=args.device, precision=args.precision,
     )
 
 
@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nbest", type=int, default=1, help="print the K best, tab-separated with scores")
     p.add_argument("--alignments", action="store_true", help="append hard alignments (i-j)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="bf16 or fp32 matrix products; auto: bf16 where the hardware has it "
+                        "(default: the checkpoint's decode.precision)")
     p.set_defaults(func=cmd_translate)
     return parser
 

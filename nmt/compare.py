@@ -100,7 +100,7 @@ def run_compare(configs: list[Config], exp_dirs: list[Path], edges: list[int], h
         summary = ensure_trained(config, exp_dir)
         src = read_lines(exp_dirs[0] / "data" / f"{test_name}.src")  # one test set for all
         refs = read_lines(exp_dirs[0] / "data" / f"{test_name}.tgt")
-        translator = Translator.from_path(exp_dir, device=config.train.device)
+        translator = Translator.from_path(exp_dir, device=config.train.device, decode=config.decode)
         decoded = {}
         for mode, beam in (("beam", config.decode.beam_size), ("greedy", 1)):
             started = time.perf_counter()

@@ -104,7 +104,7 @@ class TrainConfig:
     patience: int = 8  # early stopping: validations without a better BLEU; 0 = never stop early
     checkpoint_every: int = 200  # write last.pt every this many updates
     max_len: int = 100  # training pairs longer than this (subword tokens) are skipped
-    precision: str = "fp32"  # fp32 | bf16: matrix products in bfloat16 (autocast), state in fp32
+    precision: str = "auto"  # auto | fp32 | bf16: bf16 matrix products (autocast) where native
     compile: bool = False  # torch.compile the decoder step of training (fuses its small ops)
 
 
@@ -117,7 +117,7 @@ class DecodeConfig:
     max_len_a: float = 1.5  # max output length = a * source length + b
     max_len_b: int = 10
     max_src_len: int = 250  # longer inputs are cut to this many subwords (with a warning)
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "auto"  # auto | fp32 | bf16, as train.precision, for search
 
 
 @dataclass
@@ -137,8 +137,8 @@ CHOICES = {
     "model.attention": ("bahdanau", "luong-dot", "luong-general", "none"),
     "train.schedule": ("plateau", "warmup", "constant"),
     "decode.length_penalty": ("gnmt", "avg", "none"),
-    "train.precision": ("fp32", "bf16"),
-    "decode.precision": ("fp32", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "decode.precision": ("auto", "fp32", "bf16"),
 }
 
 

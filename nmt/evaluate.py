@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nmt.config import Config, config_to_dict
+from nmt.device import machine
 from nmt.errors import NmtError
 from nmt.io import read_lines, versions, write_json, write_lines
 
@@ -41,12 +42,13 @@ def format_scores(name: str, scores: dict) -> str:
 
 
 def evaluate_recipe(config: Config, exp_dir: Path, beam_size: int | None = None) -> dict:
-    """Decode every test set of the recipe with its decode settings; write eval/<name>.{hyp,json}
-    and eval/scores.json (written last: it marks the stage complete)."""
+    """Decode every test set with the recipe's decode settings (not the checkpoint's); write
+    eval/<name>.{hyp,json} and eval/scores.json (written last: it marks the stage complete)."""
     from nmt.translate import Translator
 
-    translator = Translator.from_path(exp_dir, device=config.train.device)
     decode = config.decode
+    translator = Translator.from_path(exp_dir, device=config.train.device, decode=decode)
+    precision = translator.precision.record()
     beam = beam_size or decode.beam_size
     out = exp_dir / "eval"
     (out / "scores.json").unlink(missing_ok=True)
@@ -60,10 +62,10 @@ def evaluate_recipe(config: Config, exp_dir: Path, beam_size: int | None = None)
         record = {
             "test_set": name, **scores, "beam_size": beam, "checkpoint": str(translator.path),
             "checkpoint_step": translator.step, "decode": config_to_dict(config)["decode"],
-            "versions": versions(),
+            "precision": precision, "machine": machine(), "versions": versions(),
         }
         write_json(out / f"{name}.json", record)
         results[name] = scores
-    write_json(out / "scores.json", {"scores": results, "beam_size": beam,
+    write_json(out / "scores.json", {"scores": results, "beam_size": beam, "precision": precision,
                                      "config": config_to_dict(config), "versions": versions()})
     return results

@@ -321,9 +321,12 @@ class Seq2Seq(nn.Module):
 
 def autocast(device: torch.device | str, precision: str):
     """bf16: matrix products run in bfloat16 (AVX-512 BF16 on CPU, tensor cores on GPU) while the
-    parameters, the recurrent state and the loss stay in fp32."""
+    parameters, the recurrent state and the loss stay in fp32. `precision` is a resolved one
+    (nmt.device.resolve_precision), never `auto`."""
     if precision == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"autocast takes fp32 or bf16, got {precision!r}")
     return contextlib.nullcontext()
 
 

@@ -27,6 +27,7 @@ from nmt import distributed
 from nmt.batches import Batch, collate, token_batches
 from nmt.checkpoint import load_checkpoint, load_state, save_checkpoint
 from nmt.config import Config, config_to_dict, save_config
+from nmt.device import machine, resolve_device, resolve_precision
 from nmt.errors import NmtError
 from nmt.evaluate import score
 from nmt.io import read_lines, versions, write_json
@@ -34,7 +35,6 @@ from nmt.loss import projected_cross_entropy
 from nmt.model import Seq2Seq, autocast, build_model
 from nmt.search import search_corpus
 from nmt.subword import PAD_ID, EncodedSplit, Subwords, to_output_ids
-from nmt.translate import resolve_device
 
 LOG_EVERY = 20  # updates between train records in metrics.jsonl
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before training stops
@@ -95,6 +95,8 @@ class Trainer:
         if device.type == "cuda" and self.world.active:
             device = torch.device("cuda", self.world.local_rank)
         self.device = device
+        self.precision = resolve_precision(t.precision, device, "train.precision",
+                                           log=print if self.world.is_main else (lambda _: None))
         if t.threads > 0:  # on one CPU, processes share the threads
             share = self.world.size if device.type == "cpu" else 1
             torch.set_num_threads(max(1, t.threads // share))
@@ -188,7 +190,7 @@ class Trainer:
         total_loss, total_tokens = 0.0, 0
         for indices in token_batches(self.valid_split, self.config.train.batch_tokens, 0, 0, shuffle=False):
             batch = collate(self.valid_split, indices).to(self.device)
-            with autocast(self.device, self.config.train.precision):
+            with autocast(self.device, self.precision.name):
                 loss, tokens = batch_loss(self.model, batch)
             total_loss += float(loss) * tokens
             total_tokens += tokens
@@ -196,7 +198,7 @@ class Trainer:
         src_seqs = [self.valid_split.src(i).tolist() for i in range(len(self.valid_split))]
         hyps = search_corpus(self.model, src_seqs, self.device, beam_size=1,
                              batch_size=decode.batch_size, max_len_a=decode.max_len_a,
-                             max_len_b=decode.max_len_b, precision=self.config.train.precision)
+                             max_len_b=decode.max_len_b, precision=self.precision.name)
         vocab = self.output_vocab
         texts = self.subwords.decode_tgt([[vocab[t] for t in h[0].tokens] if vocab else h[0].tokens
                                           for h in hyps])
@@ -302,6 +304,7 @@ def _train(trainer: Trainer, config: Config) -> dict:
         "train_seconds": p.train_seconds, "wall_seconds": p.wall_seconds, "target_tokens": p.tokens,
         "tokens_per_second": p.tokens / max(p.train_seconds, 1e-9),
         "num_parameters": trainer.model.num_parameters(), "processes": trainer.world.size,
+        "precision": trainer.precision.record(), "machine": machine(),
         "config": config_to_dict(config), "versions": versions(),
     }
     if main:
@@ -350,7 +353,7 @@ def _epochs(trainer: Trainer, metrics, stop: dict) -> bool:
         while p.batch_in_epoch < usable:
             started = time.perf_counter()
             batch = collate(trainer.train_split, batches[p.batch_in_epoch + world.rank]).to(trainer.device)
-            with autocast(trainer.device, t.precision):
+            with autocast(trainer.device, trainer.precision.name):
                 loss, tokens = batch_loss(model, batch, t.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # under DDP, this also averages the gradients over the ranks

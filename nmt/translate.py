@@ -6,26 +6,15 @@ import sys
 from pathlib import Path
 
 import sentencepiece as spm
-import torch
 from tqdm import tqdm
 
 from nmt.align import hard_alignment, merge_attention, words_of
 from nmt.checkpoint import find_checkpoint, load_checkpoint, load_state
 from nmt.config import DecodeConfig, config_from_dict
+from nmt.device import resolve_device, resolve_precision
 from nmt.errors import NmtError
 from nmt.model import build_model
 from nmt.search import Hypothesis, search_corpus
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NmtError(f"device '{name}' requested but CUDA is not available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise NmtError(f"unknown device '{name}'") from None
 
 
 def processor_from_bytes(blob: bytes, path: Path) -> spm.SentencePieceProcessor:
@@ -38,13 +27,20 @@ def processor_from_bytes(blob: bytes, path: Path) -> spm.SentencePieceProcessor:
 
 
 class Translator:
-    """Owns a model in eval mode and the SentencePiece models it was trained with."""
+    """Owns a model in eval mode and the SentencePiece models it was trained with.
 
-    def __init__(self, payload: dict, path: Path, device: str = "cpu"):
+    `decode` replaces the checkpoint's decode settings (a recipe's, for `nmt evaluate`), and
+    `precision` their precision (`nmt translate --precision`)."""
+
+    def __init__(self, payload: dict, path: Path, device: str = "cpu", decode: DecodeConfig | None = None,
+                 precision: str | None = None, log=None):
         self.path = path
         self.config = config_from_dict(payload["config"], source=str(path))
+        self.decode = decode or self.config.decode
         self.step = payload.get("progress", {}).get("step")
         self.device = resolve_device(device)
+        key = "--precision" if precision is not None else "decode.precision"
+        self.precision = resolve_precision(precision or self.decode.precision, self.device, key, log)
         self.src_spm = processor_from_bytes(payload["spm"]["src"], path)
         self.tgt_spm = processor_from_bytes(payload["spm"]["tgt"], path)
         vocab = payload["vocab_size"]
@@ -60,13 +56,14 @@ class Translator:
         self.model.to(self.device).eval()
 
     @classmethod
-    def from_path(cls, path: Path, device: str = "cpu") -> Translator:
+    def from_path(cls, path: Path, device: str = "cpu", decode: DecodeConfig | None = None,
+                  precision: str | None = None, log=None) -> Translator:
         path = find_checkpoint(Path(path)) if Path(path).is_dir() else Path(path)
-        return cls(load_checkpoint(path), path, device)
+        return cls(load_checkpoint(path), path, device, decode, precision, log)
 
     def search(self, lines: list[str], beam_size: int | None = None, batch_size: int | None = None,
-               nbest: int = 1, decode: DecodeConfig | None = None) -> list[list[Hypothesis]]:
-        decode = decode or self.config.decode
+               nbest: int = 1) -> list[list[Hypothesis]]:
+        decode = self.decode
         src_seqs = self.src_spm.encode(lines)
         for i, seq in enumerate(src_seqs):
             if len(seq) > decode.max_src_len:
@@ -77,7 +74,7 @@ class Translator:
             self.model, src_seqs, self.device, beam_size=beam_size or decode.beam_size,
             batch_size=batch_size or decode.batch_size, max_len_a=decode.max_len_a,
             max_len_b=decode.max_len_b, length_penalty=decode.length_penalty, alpha=decode.alpha,
-            nbest=nbest, precision=decode.precision,
+            nbest=nbest, precision=self.precision.name,
         )
 
     def target_ids(self, hyp: Hypothesis) -> list[int]:
@@ -126,15 +123,15 @@ def _read_chunks(stream, size: int, name: str):
 
 def translate_stream(model: Path, input_path: Path | None, output_path: Path | None,
                      beam_size: int | None, batch_size: int | None, nbest: int = 1,
-                     alignments: bool = False, device: str = "cpu") -> None:
+                     alignments: bool = False, device: str = "cpu", precision: str | None = None) -> None:
     """Translate line by line; output starts after the first chunk, in input order."""
     if beam_size is not None and beam_size < 1:
         raise NmtError(f"--beam must be at least 1, got {beam_size}")
     if batch_size is not None and batch_size < 1:
         raise NmtError(f"--batch-size must be at least 1, got {batch_size}")
-    translator = Translator.from_path(model, device)
-    batch_size = batch_size or translator.config.decode.batch_size
-    if nbest < 1 or nbest > (beam_size or translator.config.decode.beam_size):
+    translator = Translator.from_path(model, device, precision=precision)
+    batch_size = batch_size or translator.decode.batch_size
+    if nbest < 1 or nbest > (beam_size or translator.decode.beam_size):
         raise NmtError(f"--nbest must be between 1 and the beam size, got {nbest}")
     chunk_size = batch_size * 8  # enough to sort by length, small enough to stream
     source = open(input_path, "rb") if input_path else sys.stdin.buffer
