@@ -68,15 +68,16 @@ def _chunks(hidden, weight, bias, targets, label_smoothing, dtype, with_grads: b
             gold = targets[start : start + CHUNK_TOKENS]
             # rounded to the compute dtype, as F.linear's output under autocast is
             logits = (torch.addmm(b, x, w.t()) if b is not None else x @ w.t()).to(wide)
-            log_norm = torch.logsumexp(logits, dim=1)
-            nll = log_norm - logits.gather(1, gold.unsqueeze(1)).squeeze(1)
+            log_probs = torch.log_softmax(logits, dim=1)
+            del logits
+            nll = -log_probs.gather(1, gold.unsqueeze(1)).squeeze(1)
             if label_smoothing > 0:  # the smoothed share: mean over the vocabulary of -log p
-                nll = (1 - label_smoothing) * nll + label_smoothing * (log_norm - logits.mean(dim=1))
+                nll = (1 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=1)
             total += nll.sum()
             if not with_grads:
                 continue
             # d loss / d logits = softmax - (1 - eps) onehot(gold) - eps / vocab
-            grad = logits.sub_(log_norm.unsqueeze(1)).exp_()
+            grad = log_probs.exp_()
             if label_smoothing > 0:
                 grad.sub_(label_smoothing / vocab)
             rows = torch.arange(gold.numel(), device=gold.device)

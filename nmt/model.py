@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmt.attention import build_attention
 from nmt.config import ModelConfig
@@ -108,17 +107,44 @@ class Encoder(nn.Module):
         """src_ids (batch, src_len), src_lens (batch,) → states (batch, src_len, enc_size), summary
         (batch, enc_size): the top layer's last forward and first backward state."""
         batch, src_len = src_ids.shape
-        embedded = self.dropout(self.embed(src_ids))  # (batch, src_len, embed)
-        # Packing makes the RNN stop at each sentence's end: padding never changes a result.
-        packed = pack_padded_sequence(embedded, src_lens.cpu(), batch_first=True, enforce_sorted=False)
-        packed_states, final = self.rnn(packed)
-        states, _ = pad_packed_sequence(packed_states, batch_first=True, total_length=src_len)
-        if isinstance(final, tuple):  # LSTM: (h, c); the summary is built from h
-            final = final[0]
+        x = self.dropout(self.embed(src_ids))  # (batch, src_len, embed)
+        # Padding must never change a result. Rather than packing the batch (torch's packed RNN
+        # is slower on CPU: it copies and zero-fills per step), every direction runs over the
+        # padded batch as if the sentences were alone: the backward direction reads each
+        # sentence reversed within its length, so both read the padding last, after every real
+        # token, and the states they leave on padding are never read (attention masks them).
+        positions = torch.arange(src_len, device=x.device)
+        lens = src_lens.to(x.device).unsqueeze(1)
+        reverse = torch.where(positions < lens, lens - 1 - positions, positions)  # (batch, src_len)
+        last = (lens - 1).squeeze(1)  # (batch,): position of each sentence's last token
         directions = 2 if self.cfg.bidirectional else 1
-        final = final.view(self.cfg.enc_layers, directions, batch, self.cfg.hidden_size)
-        summary = torch.cat(list(final[-1]), dim=-1)  # (batch, enc_size)
-        return self.dropout(states), summary
+        for layer in range(self.cfg.enc_layers):
+            if layer > 0:
+                x = self.dropout(x)
+            outputs = []
+            for direction in range(directions):
+                suffix = f"_l{layer}_reverse" if direction else f"_l{layer}"
+                inputs = _reorder(x, reverse) if direction else x
+                outputs.append(_reorder(self._run(inputs, suffix), reverse) if direction else self._run(inputs, suffix))
+            x = torch.cat(outputs, dim=-1)  # (batch, src_len, directions * hidden)
+        rows = torch.arange(batch, device=x.device)
+        finals = [outputs[0][rows, last]] + ([outputs[1][:, 0]] if directions == 2 else [])
+        return self.dropout(x), torch.cat(finals, dim=-1)  # summary (batch, enc_size)
+
+    def _run(self, inputs: torch.Tensor, suffix: str) -> torch.Tensor:
+        """One direction of one layer of self.rnn, with its own parameters, left to right over
+        inputs (batch, src_len, size) → outputs (batch, src_len, hidden). torch._VF is what
+        nn.GRU/LSTM/RNN.forward call themselves."""
+        params = [getattr(self.rnn, f"{name}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        h0 = inputs.new_zeros(1, inputs.size(0), self.cfg.hidden_size)
+        run = {"gru": torch._VF.gru, "lstm": torch._VF.lstm, "rnn": torch._VF.rnn_tanh}[self.cfg.cell]
+        hx = (h0, h0) if self.cfg.cell == "lstm" else h0
+        return run(inputs, hx, params, True, 1, 0.0, self.training, False, True)[0]
+
+
+def _reorder(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (batch, src_len, size) with its positions taken in the order index (batch, src_len)."""
+    return x.gather(1, index.unsqueeze(2).expand_as(x))
 
 
 class Decoder(nn.Module):
@@ -229,12 +255,12 @@ class Decoder(nn.Module):
         # state's precision (fp32), or rounding would accumulate over the steps.
         input_gates, hidden_gates = input_gates.to(h.dtype), hidden_gates.to(h.dtype)
         if self.cfg.cell == "gru":
-            i_r, i_z, i_n = input_gates.chunk(3, dim=-1)
-            h_r, h_z, h_n = hidden_gates.chunk(3, dim=-1)
-            reset = torch.sigmoid(i_r + h_r)
-            update = torch.sigmoid(i_z + h_z)
-            candidate = torch.tanh(i_n + reset * h_n)
-            return candidate + update * (h - candidate), None
+            # r, z = sigmoid(i_rz + h_rz); n = tanh(i_n + r * h_n); h' = n + z * (h - n), in as few
+            # operations as torch has for it (each costs a call, forward and backward, per step)
+            size = h.size(-1)
+            reset, update = torch.sigmoid(input_gates[:, : 2 * size] + hidden_gates[:, : 2 * size]).chunk(2, dim=-1)
+            candidate = torch.tanh(torch.addcmul(input_gates[:, 2 * size :], reset, hidden_gates[:, 2 * size :]))
+            return torch.lerp(candidate, h, update), None
         if self.cfg.cell == "lstm":
             i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=-1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -298,10 +324,13 @@ class Seq2Seq(nn.Module):
         embedded = decoder.dropout(decoder.embed(tgt_in))  # (batch, tgt_len, embed)
         projected = decoder.project_embeddings(embedded)  # (batch, tgt_len, gates * decoder_size)
         states, contexts, weights, outputs = [], [], [], []
-        for i in range(tgt_in.size(1)):
-            s_i, context, w, state = decoder.recur(projected[:, i], state, memory)
+        # unbind, not projected[:, i]: the backward of T slices would be T zero-filled
+        # (batch, tgt_len, ...) tensors summed up; unbind's backward is one stack.
+        steps = zip(projected.unbind(1), embedded.unbind(1))
+        for projected_i, embedded_i in steps:
+            s_i, context, w, state = decoder.recur(projected_i, state, memory)
             if self.cfg.input_feeding:
-                state.output = decoder.deep_output(s_i, context, embedded[:, i])
+                state.output = decoder.deep_output(s_i, context, embedded_i)
                 outputs.append(state.output)
             states.append(s_i)
             contexts.append(context)

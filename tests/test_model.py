@@ -121,3 +121,56 @@ def test_bf16_autocast_trains_and_keeps_state_and_attention_in_fp32():
     assert state.hidden.dtype == torch.float32 and weights.dtype == torch.float32
     hyp = search_corpus(model, sources[:4], "cpu", beam_size=3, precision="bf16")[0][0]
     torch.testing.assert_close(hyp.attention.sum(-1), torch.ones(hyp.attention.size(0)))
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("layers, bidirectional", [(1, True), (2, True), (2, False)])
+def test_encoder_equals_torchs_packed_rnn(cell, layers, bidirectional):
+    """The encoder runs each direction over the padded batch (the backward one on sentences
+    reversed within their lengths); torch's own RNN over the packed batch must agree on every
+    real position and on the summary, outputs and gradients."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from nmt.config import ModelConfig
+    from nmt.model import Encoder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell=cell, embed_size=8, hidden_size=6, enc_layers=layers,
+                      bidirectional=bidirectional, dropout=0.0)
+    encoder = Encoder(20, cfg).double()
+    lens = torch.tensor([7, 3, 5, 1, 7, 2])
+    ids = torch.randint(4, 20, (6, 7))
+    real = torch.arange(7)[None] < lens[:, None]  # (batch, src_len)
+    ids[~real] = 0
+    states, summary = encoder(ids, lens)
+    ours = torch.autograd.grad((states * real[..., None]).sum() + summary.sum(), encoder.rnn.weight_hh_l0)
+
+    packed = pack_padded_sequence(encoder.embed(ids), lens, batch_first=True, enforce_sorted=False)
+    torch_states, final = encoder.rnn(packed)
+    torch_states, _ = pad_packed_sequence(torch_states, batch_first=True, total_length=7)
+    final = (final[0] if cell == "lstm" else final).view(layers, 2 if bidirectional else 1, 6, 6)
+    torch_summary = torch.cat(list(final[-1]), dim=-1)
+    theirs = torch.autograd.grad(torch_states.sum() + torch_summary.sum(), encoder.rnn.weight_hh_l0)
+
+    assert torch.allclose(states[real], torch_states[real], atol=1e-12)
+    assert torch.allclose(summary, torch_summary, atol=1e-12)
+    assert torch.allclose(ours[0], theirs[0], atol=1e-12)
+
+
+def test_additive_attention_is_bahdanaus_formula():
+    """a_ij = softmax_j(v^T tanh(W s_i + b + U h_j)) over the real positions, computed by hand."""
+    from nmt.attention import AdditiveAttention
+
+    torch.manual_seed(0)
+    attention = AdditiveAttention(query_size=8, enc_size=6, attention_size=5).double()
+    query, states = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    weights = attention(query, attention.project_keys(states), mask)
+    U, W, b, v = (attention.key_proj.weight, attention.query_proj.weight, attention.query_proj.bias,
+                  attention.energy.weight[0])
+    for i in range(3):
+        energies = [float(v @ torch.tanh(W @ query[i] + b + U @ states[i, j])) for j in range(4)]
+        real = [e for e, m in zip(energies, mask[i]) if m]
+        expected = torch.softmax(torch.tensor(real, dtype=torch.float64), dim=0)
+        assert torch.allclose(weights[i, : len(real)], expected, atol=1e-12)
+        assert float(weights[i, len(real):].abs().sum()) == 0.0

@@ -100,8 +100,11 @@ def test_beam_never_scores_below_greedy(half_trained, penalty):
     sources = random_strings(np.random.default_rng(6), 60, 5, 20)
     greedy = search_corpus(half_trained, sources, "cpu", beam_size=1, length_penalty=penalty, alpha=0.6)
     beam = search_corpus(half_trained, sources, "cpu", beam_size=5, length_penalty=penalty, alpha=0.6)
-    for g, b in zip(greedy, beam):
-        assert b[0].score >= g[0].score - 1e-5
+    # Not a theorem: a sentence is done after beam_size finished hypotheses, so a long greedy path
+    # that scores well once normalised can be missed. Over a corpus beam must still win.
+    better = [b[0].score >= g[0].score - 1e-5 for g, b in zip(greedy, beam)]
+    assert np.mean(better) >= 0.9, np.mean(better)
+    assert np.mean([b[0].score for b in beam]) > np.mean([g[0].score for g in greedy])
 
 
 def _pad(sources):
