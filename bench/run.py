@@ -129,7 +129,8 @@ def decode_main(exp: Path, limit: int, out: Path) -> None:
     load_seconds = time.perf_counter() - started
     src = read_lines(exp / "data" / "test.src")[:limit]
     refs = read_lines(exp / "data" / "test.tgt")[:limit]
-    result = {"load_seconds": load_seconds, "sentences": len(src), "checkpoint_step": translator.step}
+    result = {"load_seconds": load_seconds, "sentences": len(src), "checkpoint_step": translator.step,
+              "precision": translator.precision.record()}
     for mode, beam, batch_sizes in (("beam5", 5, (32, 64, 128)), ("greedy", 1, (64, 128, 256))):
         timings = {}
         for batch_size in batch_sizes:
@@ -190,6 +191,8 @@ def run_nmt(minutes: float, limit: int, work: Path, settings: list[str]) -> dict
         "greedy_bleu": decoded["greedy"]["bleu"], "greedy_chrf": decoded["greedy"]["chrf"],
         "beam5_sent_s": decoded["beam5"]["sent_per_s"], "greedy_sent_s": decoded["greedy"]["sent_per_s"],
         "decode": decoded, "peak_rss_train_mib": train_rss, "peak_rss_decode_mib": decode_rss,
+        "precision": summary["precision"]["name"], "precision_reason": summary["precision"]["reason"],
+        "decode_precision": decoded["precision"]["name"],
         "train_flops_per_token": 3 * flops,
         "train_gflop_s": 3 * flops * steady / 1e9,
     }
@@ -216,7 +219,7 @@ def run_anchor(name: str, minutes: float, work: Path) -> dict:
     text = log.read_text(errors="replace")
     if status != 0:
         sys.exit(f"bench: the {name} anchor failed (exit {status}), see {log}")
-    return parse_anchor_report(text)
+    return {**parse_anchor_report(text), "precision": "fp32"}  # the anchors' scripts train in fp32
 
 
 def parse_anchor_report(text: str) -> dict:
@@ -289,13 +292,18 @@ def main() -> None:
     rows = {"nmt": ours}
     for name in args.anchor:
         rows[name] = run_anchor(name, minutes, work)
-    result = {"date": stamp, "minutes": minutes, "test_sentences": limit, "quick": args.quick, "set": args.set,
-              "results": rows, "ratios": {n: ratios(ours, r) for n, r in rows.items() if n != "nmt"}}
+    from nmt.device import machine
     from nmt.io import versions
 
-    result["versions"] = versions()
+    result = {"date": stamp, "minutes": minutes, "test_sentences": limit, "quick": args.quick, "set": args.set,
+              "machine": {**machine(), "threads": int(THREADS)},
+              "results": rows, "ratios": {n: ratios(ours, r) for n, r in rows.items() if n != "nmt"},
+              "versions": versions()}
     (args.out / f"{stamp}.json").write_text(json.dumps(result, indent=2))
-    print()
+    m = result["machine"]
+    print(f"\nmachine: {m['cpu']}, torch CPU capability {m['cpu_capability']}, {m['class']} "
+          f"(AVX-512 BF16 {m['avx512_bf16']}, AMX {m['amx']}), {m['threads']} threads, torch {m['torch']}; "
+          f"nmt trained in {ours['precision']} ({ours['precision_reason']}), the anchors in fp32")
     print(table(rows))
     print(f"\nnmt: {ours['params'] / 1e6:.2f} M params, {ours['steps']} updates ({ours['epochs']:.2f} epochs) "
           f"in {minutes} min; effective {ours['train_tok_s_effective']:.0f} tok/s; greedy BLEU "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from nmt.model import autocast_dtype
+from nmt.model import autocast_dtype, padded_output
 
 CHUNK_TOKENS = 1024
 
@@ -54,8 +54,7 @@ def _chunks(hidden, weight, bias, targets, label_smoothing, dtype, with_grads: b
     weight and bias (zeros for a missing bias)."""
     device_type = hidden.device.type
     vocab = weight.size(0)
-    w = weight.detach().to(dtype)
-    b = bias.detach().to(dtype) if bias is not None else None
+    w, b = padded_output(weight, bias, dtype)  # (padded, size), (padded,): extra logits are -inf
     x_all = hidden.detach().to(dtype)
     wide = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 at least
     total = torch.zeros((), dtype=wide, device=hidden.device)
@@ -67,24 +66,25 @@ def _chunks(hidden, weight, bias, targets, label_smoothing, dtype, with_grads: b
             x = x_all[start : start + CHUNK_TOKENS]
             gold = targets[start : start + CHUNK_TOKENS]
             # rounded to the compute dtype, as F.linear's output under autocast is
-            logits = (torch.addmm(b, x, w.t()) if b is not None else x @ w.t()).to(wide)
+            logits = torch.addmm(b, x, w.t()).to(wide)  # (chunk, padded)
             log_probs = torch.log_softmax(logits, dim=1)
             del logits
             nll = -log_probs.gather(1, gold.unsqueeze(1)).squeeze(1)
             if label_smoothing > 0:  # the smoothed share: mean over the vocabulary of -log p
-                nll = (1 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=1)
+                nll = (1 - label_smoothing) * nll - label_smoothing * log_probs[:, :vocab].mean(dim=1)
             total += nll.sum()
             if not with_grads:
                 continue
-            # d loss / d logits = softmax - (1 - eps) onehot(gold) - eps / vocab
+            # d loss / d logits = softmax - (1 - eps) onehot(gold) - eps / vocab; 0 on the padding
             grad = log_probs.exp_()
             if label_smoothing > 0:
-                grad.sub_(label_smoothing / vocab)
+                grad[:, :vocab].sub_(label_smoothing / vocab)
             rows = torch.arange(gold.numel(), device=gold.device)
             grad[rows, gold] -= 1 - label_smoothing
+            grad = grad[:, :vocab]
             grad_bias += grad.sum(dim=0)
             grad = grad.to(dtype)
-            grad_hidden[start : start + CHUNK_TOKENS] = grad @ w
+            grad_hidden[start : start + CHUNK_TOKENS] = grad @ w[:vocab]
             grad_weight += (grad.t() @ x).to(wide)
     grads = (grad_hidden, grad_weight, grad_bias) if with_grads else None
     return total, grads

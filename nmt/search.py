@@ -56,8 +56,7 @@ def greedy_search(model: Seq2Seq, src_ids, src_lens, max_len_a=1.5, max_len_b=10
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     prev = bos_column(batch, device)
     for step in range(max_steps):
-        logits, state, attn = model.decode_step(prev, state, memory)
-        step_log_probs = torch.log_softmax(logits.float(), dim=-1)
+        step_log_probs, state, attn = model.decode_step(prev, state, memory)
         at_limit = limits[live] <= step + 1  # the last position allowed must be EOS
         if bool(at_limit.any()):
             step_log_probs[at_limit] = _only_eos(step_log_probs[at_limit])
@@ -117,8 +116,7 @@ def beam_search(model: Seq2Seq, src_ids, src_lens, beam_size=5, max_len_a=1.5, m
 
     for step in range(max(limit_list)):
         n = len(live)
-        logits, state, attn = model.decode_step(prev, state, memory)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (n * k, vocab)
+        log_probs, state, attn = model.decode_step(prev, state, memory)  # (n * k, vocab)
         at_limit = torch.tensor([limit_list[s] <= step + 1 for s in live], device=device).repeat_interleave(k)
         if bool(at_limit.any()):
             log_probs[at_limit] = _only_eos(log_probs[at_limit])

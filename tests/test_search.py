@@ -117,8 +117,8 @@ def sequence_log_prob(model, src_ids, src_lens, tokens):
     memory, state = model.encode(src_ids, src_lens)
     prev, total = bos_column(1, "cpu"), 0.0
     for token in tokens:
-        logits, state, _ = model.decode_step(prev, state, memory)
-        total += float(torch.log_softmax(logits, -1)[0, token])
+        log_probs, state, _ = model.decode_step(prev, state, memory)
+        total += float(log_probs[0, token])
         prev = torch.tensor([token])
     return total
 
