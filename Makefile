@@ -42,7 +42,7 @@ REPORT := $(EXP)/compare/report.md
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make install | test | lint | bench [QUICK=1] [ANCHOR=onmt]"
+	@echo "make install | test | lint | bench [QUICK=1] [MINUTES=10] [ANCHOR=onmt] [SET=...]"
 	@echo "make recipe=NAME data | spm | train | eval | compare   [MIRROR=dir] [SET=\"key=value ...\"]"
 	@echo "recipes: $(basename $(notdir $(wildcard recipes/*.yaml)))"
 
@@ -62,11 +62,13 @@ lint: $(INSTALLED)
 
 # The speed/quality benchmark (bench/run.py): QUICK=1 for a few minutes, ANCHOR=joey|onmt|fairseq
 # to run that toolkit's anchor script from ../shared/bench/anchors in the same invocation.
-# SET="train.compile=true ..." overrides recipe keys of nmt's training run.
+# SET="train.compile=true ..." overrides recipe keys of nmt's training run; MINUTES=10 sets the
+# training budget of every toolkit (default 20).
 QUICK ?=
 ANCHOR ?=
+MINUTES ?=
 bench: $(INSTALLED)
-	$(VENV)/bin/python bench/run.py $(if $(QUICK),--quick) $(foreach a,$(ANCHOR),--anchor $(a)) $(foreach s,$(SET),--set $(s))
+	$(VENV)/bin/python bench/run.py $(if $(QUICK),--quick) $(if $(MINUTES),--minutes $(MINUTES)) $(foreach a,$(ANCHOR),--anchor $(a)) $(foreach s,$(SET),--set $(s))
 
 # The stages. Installing is order-only: reinstalling must not make trained models look stale.
 $(STATS): $(RECIPE_FILE) | $(INSTALLED)

@@ -45,8 +45,32 @@ class AdditiveAttention(nn.Module):
 
     def forward(self, query, keys, src_mask):
         query = 2 * self.query_proj(query).unsqueeze(1)  # (batch, 1, attention): 2 (W s + b)
-        hidden = torch.sigmoid(keys + query)  # (batch, src_len, attention)
-        return masked_softmax(2 * self.energy(hidden).squeeze(2), src_mask)
+        scores = _AdditiveScores.apply(keys, query, self.energy.weight.squeeze(0))  # (batch, src_len)
+        return masked_softmax(scores, src_mask)
+
+
+class _AdditiveScores(torch.autograd.Function):
+    """scores = 2 v^T sigmoid(keys + query): keys (batch, src_len, a), query (batch, 1, a), v (a,).
+
+    Autograd would keep sigmoid(keys + query), batch x src_len x a values, for every decoder step
+    until the backward pass: the largest share of a training batch's memory. The backward pass
+    recomputes it instead (one add and one sigmoid), which costs far less time than the memory.
+    """
+
+    @staticmethod
+    def forward(ctx, keys, query, v):
+        ctx.save_for_backward(keys, query, v)
+        return 2 * torch.matmul(torch.sigmoid(keys + query), v.to(keys.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        keys, query, v = ctx.saved_tensors
+        hidden = torch.sigmoid(keys + query)  # (batch, src_len, a), recomputed
+        grad_scores = 2 * grad_scores.to(hidden.dtype)  # (batch, src_len)
+        grad_v = torch.matmul(grad_scores.reshape(1, -1), hidden.reshape(-1, hidden.size(-1))).view(-1)
+        # d sigmoid(x) / dx = y (1 - y): torch's fused kernel for it
+        grad_pre = torch.ops.aten.sigmoid_backward(grad_scores.unsqueeze(-1) * v.to(hidden.dtype), hidden)
+        return grad_pre.to(keys.dtype), grad_pre.sum(1, keepdim=True).to(query.dtype), grad_v.to(v.dtype)
 
 
 class DotAttention(nn.Module):

@@ -112,7 +112,16 @@ def cmd_translate(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nmt", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="nmt", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Neural machine translation with attention-based RNN encoder-decoders "
+                    "(Bahdanau, Luong, fixed context).",
+        epilog="A recipe (recipes/NAME.yaml) runs through the stages in order:\n"
+               "  nmt data NAME -> nmt spm NAME -> nmt train NAME -> nmt evaluate NAME\n"
+               "(or `make recipe=NAME train`). Then:\n"
+               "  echo 'Ein Hund rennt.' | nmt translate --model exp/NAME\n"
+               "Every recipe key can be changed with --set key.path=value. "
+               "`nmt COMMAND --help` for each command.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="fetch and clean the recipe's corpora")

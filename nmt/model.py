@@ -76,9 +76,8 @@ class DecoderState:
 class Dropout(nn.Module):
     """Dropout with its mask drawn as random bytes, eight from each random 64-bit integer.
 
-    On CPU, torch draws a Bernoulli mask one element at a time; for the decoder's 3000 × 1280 deep
-    output input that took 48 ms here against 10 ms this way, a fifth of a training step. p is
-    rounded to a multiple of 1/256 (0.3 → 77/256 = 0.3008).
+    On CPU, torch draws a Bernoulli mask one random number per element, several times slower
+    than this (bench/README.md). p is rounded to a multiple of 1/256 (0.3 → 77/256 = 0.3008).
     """
 
     def __init__(self, p: float):

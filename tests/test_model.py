@@ -174,3 +174,51 @@ def test_additive_attention_is_bahdanaus_formula():
         expected = torch.softmax(torch.tensor(real, dtype=torch.float64), dim=0)
         assert torch.allclose(weights[i, : len(real)], expected, atol=1e-12)
         assert float(weights[i, len(real):].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+def test_decoder_recurrence_equals_torchs_rnn(cell):
+    """The decoder's hand-written step (Decoder._recur_layer, over layers as in Decoder.recur)
+    computes what torch's own GRU/LSTM/RNN computes with the same parameters."""
+    from nmt.config import ModelConfig
+    from nmt.model import Decoder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell=cell, embed_size=8, decoder_size=6, dec_layers=3, attention="none", dropout=0.0)
+    decoder = Decoder(10, cfg, enc_size=4).double()
+    rnn = decoder.rnn  # nn.GRU/LSTM/RNN(input 8 + 4, hidden 6, 3 layers)
+    inputs = torch.randn(5, 7, rnn.input_size, dtype=torch.float64)  # (batch, steps, input)
+    h0 = torch.randn(3, 5, 6, dtype=torch.float64)
+    c0 = torch.randn(3, 5, 6, dtype=torch.float64)
+    expected, _ = rnn(inputs, (h0, c0) if cell == "lstm" else h0)
+
+    hidden, cells, outputs = list(h0), list(c0), []
+    for step in range(inputs.size(1)):
+        x = inputs[:, step]
+        for layer in range(3):
+            gates = torch.nn.functional.linear(x, getattr(rnn, f"weight_ih_l{layer}"),
+                                               getattr(rnn, f"bias_ih_l{layer}"))
+            h, c = decoder._recur_layer(layer, gates, hidden[layer], cells[layer] if cell == "lstm" else None)
+            hidden[layer], x = h, h
+            if cell == "lstm":
+                cells[layer] = c
+        outputs.append(x)
+    assert torch.allclose(torch.stack(outputs, dim=1), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["luong-dot", "luong-general"])
+def test_luong_attention_is_the_formula(kind):
+    """a_ij = softmax_j(s_i^T h_j) (dot) or softmax_j(s_i^T W_a h_j) (general), real positions only."""
+    from nmt.attention import build_attention
+
+    torch.manual_seed(0)
+    attention = build_attention(kind, query_size=6, enc_size=6, attention_size=0).double()
+    query, states = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    weights = attention(query, attention.project_keys(states), mask)
+    W = attention.key_proj.weight if kind == "luong-general" else torch.eye(6, dtype=torch.float64)
+    for i in range(3):
+        real = int(mask[i].sum())
+        scores = torch.tensor([float(query[i] @ (W @ states[i, j])) for j in range(real)], dtype=torch.float64)
+        assert torch.allclose(weights[i, :real], torch.softmax(scores, dim=0), atol=1e-12)
+        assert float(weights[i, real:].abs().sum()) == 0.0
