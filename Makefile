@@ -54,8 +54,10 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
+# Two test processes: most tests train tiny single-threaded models, so two cores halve the time.
+TEST_WORKERS ?= 2
 test: $(INSTALLED)
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) tests
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check nmt tests bench
