@@ -126,9 +126,10 @@ class Encoder(nn.Module):
                 x = self.dropout(x)
             outputs = []
             for direction in range(directions):
-                suffix = f"_l{layer}_reverse" if direction else f"_l{layer}"
-                inputs = _reorder(x, reverse) if direction else x
-                outputs.append(_reorder(self._run(inputs, suffix), reverse) if direction else self._run(inputs, suffix))
+                if direction == 0:
+                    outputs.append(self._run(x, f"_l{layer}"))
+                else:  # reversed within each sentence, run, and put back in source order
+                    outputs.append(_reorder(self._run(_reorder(x, reverse), f"_l{layer}_reverse"), reverse))
             x = torch.cat(outputs, dim=-1)  # (batch, src_len, directions * hidden)
         rows = torch.arange(batch, device=x.device)
         finals = [outputs[0][rows, last]] + ([outputs[1][:, 0]] if directions == 2 else [])
