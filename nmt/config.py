@@ -1,18 +1,21 @@
 """Recipes: YAML files loaded into typed dataclasses, strictly.
 
-A recipe has the sections `data`, `subword`, `model`, `train` and `decode` (see recipes/en-de.yaml,
-where every key is commented). `extends: other` starts from another recipe and overrides keys;
-`--set key.path=value` overrides after that. Every problem is one ConfigError naming the file and
-the key path, with a "did you mean" hint for unknown keys.
+A recipe has the sections `data`, `subword`, `model`, `train` and `decode` (recipes/en-de.yaml
+lists every key with its meaning and default). `extends: other` starts from another recipe and
+overrides keys; `--set key.path=value` overrides after that. Each setting's allowed values sit next
+to its field (`setting`). Every problem is one ConfigError naming the file and the key path, with
+a "did you mean" hint for unknown keys and choices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,22 @@ from typing import Any
 import yaml
 
 from nmt.errors import ConfigError
+from nmt.io import atomic_write_text
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+# A setting's allowed range: the message a value outside it fails with, and the test a value inside
+# passes. Each test asks "is it inside?", so NaN, which fails every comparison, is outside.
+POSITIVE = ("must be positive", lambda v: v > 0)
+NON_NEGATIVE = ("must not be negative", lambda v: v >= 0)
+FRACTION = ("must be in [0, 1)", lambda v: 0 <= v < 1)  # 1 would drop, or smooth away, everything
+PRECISIONS = ("auto", "fp32", "bf16")  # bf16: matrix products in bfloat16 (autocast) where native
+
+
+def setting(default: Any, bounds: tuple[str, Callable] | None = None, *, choices=()) -> Any:
+    """A dataclass field that carries its allowed values (a range or choices) for validate()."""
+    return field(default=default, metadata={"bounds": bounds, "choices": choices})
 
 
 @dataclass
@@ -35,12 +52,16 @@ class SplitSource:
     tgt_file: str | None = None
 
 
+# The defaults below are the values of recipes/en-de.yaml, which every other recipe extends and
+# which lists every key with its meaning; a test keeps the two equal.
+
+
 @dataclass
 class CleanConfig:
-    max_tokens: int = 80  # drop training pairs with a side longer than this (whitespace tokens)
-    max_ratio: float = 3.0  # drop pairs whose token-length ratio exceeds this
+    max_tokens: int = setting(80, POSITIVE)  # drop pairs with a side longer than this many words
+    max_ratio: float = setting(3.0, POSITIVE)  # drop pairs whose word-count ratio exceeds this
     dedup: bool = True  # drop exact duplicate pairs
-    max_chars: int = 2000  # drop pairs with a side longer than this many characters
+    max_chars: int = setting(2000, POSITIVE)  # drop pairs with a side longer than this (characters)
 
 
 @dataclass
@@ -50,74 +71,77 @@ class DataConfig:
     train: list[SplitSource]
     valid: SplitSource
     test: dict[str, SplitSource]
-    clean: CleanConfig = field(default_factory=CleanConfig)
-    bad_lines: str = "error"  # error | skip: training lines with invalid UTF-8 or NUL bytes
+    clean: CleanConfig = field(default_factory=CleanConfig)  # for the training split only
+    bad_lines: str = setting("error", choices=("error", "skip"))  # lines with bad UTF-8 or NUL
 
 
 @dataclass
 class SubwordConfig:
-    model_type: str = "unigram"  # unigram | bpe
-    vocab_size: int = 8000
+    model_type: str = setting("unigram", choices=("unigram", "bpe"))
+    vocab_size: int = setting(8000, ("must be at least 8 (4 ids are reserved for specials)",
+                                     lambda v: v >= 8))
     joint: bool = True  # one model for both languages, or one per side
-    character_coverage: float = 1.0
-    max_sentences: int = 1_000_000  # cap on sentences sampled for training SentencePiece
+    character_coverage: float = setting(1.0, ("must be in (0, 1]", lambda v: 0 < v <= 1))
+    max_sentences: int = setting(1_000_000, POSITIVE)  # sampled to train SentencePiece
     restrict_target: bool = True  # output layer over the pieces seen in training targets only
 
 
 @dataclass
 class ModelConfig:
-    cell: str = "gru"  # gru | lstm | rnn (Elman, tanh)
-    embed_size: int = 256
-    hidden_size: int = 256  # encoder RNN size per direction
-    decoder_size: int = 512  # decoder RNN size
-    enc_layers: int = 1
-    dec_layers: int = 1
+    cell: str = setting("gru", choices=("gru", "lstm", "rnn"))  # rnn: Elman, tanh
+    embed_size: int = setting(256, POSITIVE)
+    hidden_size: int = setting(256, POSITIVE)  # encoder RNN size per direction
+    decoder_size: int = setting(512, POSITIVE)  # decoder RNN size
+    enc_layers: int = setting(1, POSITIVE)
+    dec_layers: int = setting(1, POSITIVE)
     bidirectional: bool = True
-    attention: str = "bahdanau"  # bahdanau | luong-dot | luong-general | none (fixed context)
-    attention_size: int = 256  # hidden size of the additive (Bahdanau) scorer
+    # none: a fixed context, the encoder's summary of the whole source (Cho et al. 2014)
+    attention: str = setting("bahdanau", choices=("bahdanau", "luong-dot", "luong-general", "none"))
+    attention_size: int = setting(256, POSITIVE)  # hidden size of the additive (Bahdanau) scorer
     input_feeding: bool = False  # feed the previous attentional vector to the decoder RNN (Luong)
-    output_size: int = 256  # size of the deep output layer before the vocabulary projection
+    output_size: int = setting(256, POSITIVE)  # deep output layer before the vocabulary projection
     tie_embeddings: bool = False  # share target embeddings with the output projection
-    dropout: float = 0.3
+    dropout: float = setting(0.3, FRACTION)
 
 
 @dataclass
 class TrainConfig:
     seed: int = 1
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # CPU threads for torch; 0 = torch's default
-    batch_tokens: int = 3000  # target tokens per batch (real tokens, padding not counted)
-    max_epochs: int = 30
-    max_steps: int = 0  # stop after this many updates; 0 = no limit
-    max_minutes: float = 0.0  # stop after this much wall-clock training time; 0 = no limit
-    lr: float = 5e-4
+    threads: int = setting(2, NON_NEGATIVE)  # CPU threads for torch; 0 = torch's default
+    batch_tokens: int = setting(3000, POSITIVE)  # target tokens per batch, padding not counted
+    max_epochs: int = setting(12, POSITIVE)
+    max_steps: int = setting(0, NON_NEGATIVE)  # stop after this many updates; 0 = no limit
+    max_minutes: float = setting(0.0, NON_NEGATIVE)  # wall-clock training budget; 0 = no limit
+    lr: float = setting(1e-3, POSITIVE)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0  # gradient clipping by global norm; 0 = off
-    label_smoothing: float = 0.0
-    schedule: str = "plateau"  # plateau | warmup | constant
-    plateau_factor: float = 0.5  # plateau: multiply lr by this when valid BLEU stalls
-    plateau_patience: int = 2  # plateau: validations without improvement before decaying
-    warmup_steps: int = 1000  # warmup: linear warmup, then inverse square-root decay
-    min_lr: float = 1e-6
-    valid_every: int = 500  # validate (loss + greedy BLEU) every this many updates
-    patience: int = 8  # early stopping: validations without a better BLEU; 0 = never stop early
-    checkpoint_every: int = 200  # write last.pt every this many updates
-    max_len: int = 100  # training pairs longer than this (subword tokens) are skipped
-    precision: str = "auto"  # auto | fp32 | bf16: bf16 matrix products (autocast) where native
+    weight_decay: float = setting(0.0, NON_NEGATIVE)
+    clip_norm: float = setting(1.0, NON_NEGATIVE)  # gradient clipping by global norm; 0 = off
+    label_smoothing: float = setting(0.1, FRACTION)
+    schedule: str = setting("plateau", choices=("plateau", "warmup", "constant"))
+    # plateau: lr *= plateau_factor after plateau_patience validations without a better BLEU
+    plateau_factor: float = setting(0.5, ("must be in (0, 1)", lambda v: 0 < v < 1))
+    plateau_patience: int = setting(1, NON_NEGATIVE)
+    warmup_steps: int = setting(1000, NON_NEGATIVE)  # warmup: linear, then inverse square root
+    min_lr: float = setting(1e-5, NON_NEGATIVE)
+    valid_every: int = setting(400, POSITIVE)  # updates between validations (loss + greedy BLEU)
+    patience: int = setting(4, NON_NEGATIVE)  # validations without a better BLEU; 0 = never stop
+    checkpoint_every: int = setting(100, POSITIVE)  # updates between writes of last.pt
+    max_len: int = setting(100, POSITIVE)  # training pairs longer than this (subwords) are skipped
+    precision: str = setting("auto", choices=PRECISIONS)
     compile: bool = False  # torch.compile the decoder step of training (fuses its small ops)
 
 
 @dataclass
 class DecodeConfig:
-    beam_size: int = 5
-    batch_size: int = 64  # sentences per batch
-    length_penalty: str = "gnmt"  # gnmt | avg | none
-    alpha: float = 0.6  # GNMT length-penalty exponent
-    max_len_a: float = 1.5  # max output length = a * source length + b
-    max_len_b: int = 10
-    max_src_len: int = 250  # longer inputs are cut to this many subwords (with a warning)
-    precision: str = "auto"  # auto | fp32 | bf16, as train.precision, for search
+    beam_size: int = setting(5, POSITIVE)
+    batch_size: int = setting(64, POSITIVE)  # sentences per batch
+    length_penalty: str = setting("gnmt", choices=("gnmt", "avg", "none"))
+    alpha: float = setting(0.6, NON_NEGATIVE)  # GNMT length-penalty exponent
+    max_len_a: float = setting(1.5, NON_NEGATIVE)  # max output length = a * source length + b
+    max_len_b: int = setting(10, NON_NEGATIVE)
+    max_src_len: int = setting(250, POSITIVE)  # longer inputs are cut to this (with a warning)
+    precision: str = setting("auto", choices=PRECISIONS)  # as train.precision, for search
 
 
 @dataclass
@@ -128,18 +152,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-
-
-CHOICES = {
-    "data.bad_lines": ("error", "skip"),
-    "subword.model_type": ("unigram", "bpe"),
-    "model.cell": ("gru", "lstm", "rnn"),
-    "model.attention": ("bahdanau", "luong-dot", "luong-general", "none"),
-    "train.schedule": ("plateau", "warmup", "constant"),
-    "decode.length_penalty": ("gnmt", "avg", "none"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "decode.precision": ("auto", "fp32", "bf16"),
-}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,8 +275,6 @@ def config_to_dict(config: Config) -> dict:
 
 
 def save_config(config: Config, path: Path) -> None:
-    from nmt.io import atomic_write_text
-
     header = f"# fully resolved recipe '{config.name}', written by nmt\n"
     atomic_write_text(path, header + yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
@@ -350,69 +360,28 @@ def validate(config: Config, source: str) -> None:
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{source}: {key}: {message}")
 
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in allowed:
-            hint = difflib.get_close_matches(value, allowed, n=1)
-            extra = f"; did you mean '{hint[0]}'?" if hint else ""
-            fail(key, f"'{value}' is not one of {', '.join(allowed)}{extra}")
+    def check_settings(section: Any, prefix: str) -> None:
+        for f in dataclasses.fields(section):
+            key, value = prefix + f.name, getattr(section, f.name)
+            choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
+            if dataclasses.is_dataclass(value):
+                check_settings(value, f"{key}.")
+            elif isinstance(value, float) and not math.isfinite(value):
+                fail(key, f"must be a finite number, got {value}")  # YAML reads .nan and .inf
+            elif choices and value not in choices:
+                hint = difflib.get_close_matches(value, choices, n=1)
+                extra = f"; did you mean '{hint[0]}'?" if hint else ""
+                fail(key, f"'{value}' is not one of {', '.join(choices)}{extra}")
+            elif bounds and not bounds[1](value):
+                fail(key, f"{bounds[0]}, got {value}")
 
-    positive = {
-        "subword.vocab_size": config.subword.vocab_size,
-        "subword.max_sentences": config.subword.max_sentences,
-        "model.embed_size": config.model.embed_size,
-        "model.hidden_size": config.model.hidden_size,
-        "model.decoder_size": config.model.decoder_size,
-        "model.enc_layers": config.model.enc_layers,
-        "model.dec_layers": config.model.dec_layers,
-        "model.attention_size": config.model.attention_size,
-        "model.output_size": config.model.output_size,
-        "train.batch_tokens": config.train.batch_tokens,
-        "train.max_epochs": config.train.max_epochs,
-        "train.lr": config.train.lr,
-        "train.valid_every": config.train.valid_every,
-        "train.checkpoint_every": config.train.checkpoint_every,
-        "train.max_len": config.train.max_len,
-        "decode.beam_size": config.decode.beam_size,
-        "decode.batch_size": config.decode.batch_size,
-        "decode.max_src_len": config.decode.max_src_len,
-        "data.clean.max_tokens": config.data.clean.max_tokens,
-        "data.clean.max_ratio": config.data.clean.max_ratio,
-        "data.clean.max_chars": config.data.clean.max_chars,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            fail(key, f"must be positive, got {value}")
-    non_negative = {
-        "train.max_steps": config.train.max_steps,
-        "train.max_minutes": config.train.max_minutes,
-        "train.threads": config.train.threads,
-        "train.clip_norm": config.train.clip_norm,
-        "train.patience": config.train.patience,
-        "train.warmup_steps": config.train.warmup_steps,
-        "train.weight_decay": config.train.weight_decay,
-        "decode.alpha": config.decode.alpha,
-        "decode.max_len_a": config.decode.max_len_a,
-        "decode.max_len_b": config.decode.max_len_b,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            fail(key, f"must not be negative, got {value}")
-    for key, value in {
-        "model.dropout": config.model.dropout,
-        "train.label_smoothing": config.train.label_smoothing,
-    }.items():
-        if not 0.0 <= value < 1.0:
-            fail(key, f"must be in [0, 1), got {value}")
-    if not 0.0 < config.subword.character_coverage <= 1.0:
-        fail("subword.character_coverage", "must be in (0, 1]")
-    if not 0.0 < config.train.plateau_factor < 1.0:
-        fail("train.plateau_factor", "must be in (0, 1)")
+    check_settings(config, "")
+    # The name becomes a directory (exp/<name>) and a line of config.yaml's header.
+    if "/" in config.name or not config.name.isprintable() or config.name.strip() != config.name:
+        fail("name", f"must be a plain name (no '/', control characters or surrounding spaces), got {config.name!r}")
+    # Checks that involve more than one value, or a list or mapping as a whole.
     if len(config.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in config.train.betas):
         fail("train.betas", f"expected two numbers in [0, 1), got {config.train.betas}")
-    if config.subword.vocab_size < 8:
-        fail("subword.vocab_size", "must be at least 8 (4 ids are reserved for specials)")
     if config.data.src_lang == config.data.tgt_lang:
         fail("data.tgt_lang", f"source and target language are both '{config.data.src_lang}'")
     if not config.data.train:

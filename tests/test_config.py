@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import yaml
 
 from nmt.cli import main
 from nmt.config import RECIPES_DIR, config_from_dict, config_to_dict, load_recipe
@@ -84,6 +85,56 @@ def test_impossible_values(tmp_path, override, key):
 
 def test_attention_typo_suggests(tmp_path):
     assert "did you mean 'bahdanau'" in error_of(write_recipe(tmp_path, MINIMAL), ["model.attention=bahdanu"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.cell=gur", "model.cell: 'gur' is not one of gru, lstm, rnn; did you mean 'gru'?"),
+    ("model.cell=xyz", "model.cell: 'xyz' is not one of gru, lstm, rnn"),
+    ("model.enc_layers=0", "model.enc_layers: must be positive, got 0"),
+    ("train.patience=-1", "train.patience: must not be negative, got -1"),
+    ("train.label_smoothing=1.5", "train.label_smoothing: must be in [0, 1), got 1.5"),
+    ("data.clean.max_ratio=0", "data.clean.max_ratio: must be positive, got 0.0"),
+    ("subword.vocab_size=5", "subword.vocab_size: must be at least 8 (4 ids are reserved for specials), got 5"),
+])
+def test_value_error_messages(tmp_path, override, message):
+    path = write_recipe(tmp_path, MINIMAL)
+    assert error_of(path, [override]) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("key", ["train.lr", "train.clip_norm", "train.max_minutes", "train.min_lr",
+                                 "decode.alpha", "model.dropout", "data.clean.max_ratio"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_numbers_must_be_finite(tmp_path, key, value):
+    # NaN passes no comparison, so a range check written as `value <= 0` would let it through.
+    message = error_of(write_recipe(tmp_path, MINIMAL), [f"{key}={value}"])
+    assert message.endswith(f"{key}: must be a finite number, got {float(value.replace('.', ''))}")
+
+
+def test_en_de_lists_every_key_at_its_default():
+    # en-de.yaml is the recipe every other one extends and the one README sends readers to for the
+    # meaning of each key, so it names every key that has a default and gives it that default.
+    raw = yaml.safe_load((RECIPES_DIR / "en-de.yaml").read_text())
+    config = load_recipe("en-de")
+    assert "extends" not in raw
+    problems = []
+
+    def walk(section, raw_section, prefix, top=False):
+        for f in dataclasses.fields(section):
+            key, value = prefix + f.name, getattr(section, f.name)
+            has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+            if dataclasses.is_dataclass(value) and (has_default or top):  # data, subword, ..., data.clean
+                walk(value, raw_section.get(f.name) or {}, f"{key}.")
+            elif not has_default:
+                continue  # required, so recipe-specific: the name, the languages, the data splits
+            elif f.name not in raw_section:
+                problems.append(f"{key} is not listed")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                if value != default:
+                    problems.append(f"{key}: {value!r} in en-de.yaml, {default!r} in nmt/config.py")
+
+    walk(config, raw, "", top=True)
+    assert not problems, "recipes/en-de.yaml must list every key at its default:\n" + "\n".join(problems)
 
 
 def test_luong_dot_needs_matching_sizes(tmp_path):
