@@ -37,6 +37,12 @@ SPM := $(EXP)/spm/manifest.json
 MODEL := $(EXP)/model/summary.json
 SCORES := $(EXP)/eval/scores.json
 REPORT := $(EXP)/compare/report.md
+# The fixed-context twin that `compare` sets against $(EXP): the same recipe and SET, no attention.
+FIXED := $(EXP)-fixed
+FIXED_ARGS := $(recipe) --exp $(FIXED) $(foreach s,$(SET) model.attention=none model.input_feeding=false,--set $(s))
+FIXED_STATS := $(FIXED)/data/stats.json
+FIXED_SPM := $(FIXED)/spm/manifest.json
+FIXED_MODEL := $(FIXED)/model/summary.json
 
 .PHONY: install test lint data spm train eval compare bench help
 .DEFAULT_GOAL := help
@@ -85,9 +91,19 @@ $(MODEL): $(SPM) | $(INSTALLED)
 $(SCORES): $(MODEL) | $(INSTALLED)
 	$(NMT) evaluate $(NMT_ARGS)
 
-# Attention versus the fixed-context twin (trained beside $(EXP) as $(EXP)-fixed if needed).
-$(REPORT): $(MODEL) | $(INSTALLED)
-	$(NMT) compare $(NMT_ARGS)
+# Attention versus fixed context: the twin goes through the same stages in $(FIXED), then
+# `nmt compare` decodes the first test set with both models.
+$(FIXED_STATS): $(RECIPE_FILE) | $(INSTALLED)
+	$(NMT) data $(FIXED_ARGS)
+
+$(FIXED_SPM): $(FIXED_STATS) | $(INSTALLED)
+	$(NMT) spm $(FIXED_ARGS)
+
+$(FIXED_MODEL): $(FIXED_SPM) | $(INSTALLED)
+	$(TRAIN) $(FIXED_ARGS)
+
+$(REPORT): $(MODEL) $(FIXED_MODEL) | $(INSTALLED)
+	$(NMT) compare $(EXP) $(FIXED) --out $(EXP)/compare
 
 data: $(STATS)
 spm: $(SPM)

@@ -41,7 +41,7 @@ def main() -> None:
         overrides = [f"train.precision={args.precision}", f"train.compile={mode == 'compiled'}"]
         config = load_recipe(str(ROOT / "bench" / "m30k-de-en.yaml"), overrides)
         trainers[mode] = Trainer(config, exp)  # seeds torch: both start from the same weights
-    batches = token_batches(trainers["eager"].train_split, config.train.batch_tokens, config.train.seed, 0)
+    batches = token_batches(trainers["eager"].data.train, config.train.batch_tokens, config.train.seed, 0)
 
     # Each model draws its dropout masks from its own copy of the random stream, as if alone.
     rng = {mode: torch.get_rng_state() for mode in trainers}

@@ -23,8 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from nmt.batches import collate, token_batches  # noqa: E402
 from nmt.config import load_recipe  # noqa: E402
-from nmt.model import autocast  # noqa: E402
-from nmt.train import Trainer, batch_loss  # noqa: E402
+from nmt.train import Trainer, train_step  # noqa: E402
 
 MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul",
                    "aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward"}
@@ -44,17 +43,13 @@ def newest_exp() -> Path:
 
 
 def update(trainer: Trainer, indices) -> tuple[int, torch.Tensor]:
-    """One plain update (forward, backward, clipping, Adam) on the batch of these pair indices:
-    the trainer's step without its DDP agreement and NaN handling. Returns tokens and loss."""
+    """The training loop's update (nmt.train.train_step) on the batch of these pair indices.
+    Returns the batch's target tokens and its loss."""
     t = trainer.config.train
-    batch = collate(trainer.train_split, indices).to(trainer.device)
-    with autocast(trainer.device, trainer.precision.name):
-        loss, tokens = batch_loss(trainer.train_model, batch, t.label_smoothing)
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), t.clip_norm)
-    trainer.optimizer.step()
-    return tokens, loss.detach()
+    batch = collate(trainer.data.train, indices).to(trainer.device)
+    step = train_step(trainer.forward_model, trainer.optimizer, batch, t.clip_norm, t.label_smoothing,
+                      trainer.precision.name)
+    return batch.num_tgt_tokens, step.loss
 
 
 def main() -> None:
@@ -66,7 +61,7 @@ def main() -> None:
     exp = args.exp or newest_exp()
     config = load_recipe(str(ROOT / "bench" / "m30k-de-en.yaml"), [f"train.precision={args.precision}"])
     trainer = Trainer(config, exp)
-    batches = token_batches(trainer.train_split, config.train.batch_tokens, config.train.seed, 0)
+    batches = token_batches(trainer.data.train, config.train.batch_tokens, config.train.seed, 0)
 
     for indices in batches[:5]:  # warm-up: first-use costs (oneDNN kernels, Adam state)
         update(trainer, indices)

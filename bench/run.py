@@ -22,6 +22,7 @@ Each run writes bench/out/<date>.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -135,7 +136,8 @@ def decode_main(exp: Path, limit: int, out: Path) -> None:
         timings = {}
         for batch_size in batch_sizes:
             started = time.perf_counter()
-            hyps = translator.translate(src, beam_size=beam, batch_size=batch_size)
+            hyps = translator.translate(src, dataclasses.replace(translator.decode, beam_size=beam,
+                                                                 batch_size=batch_size))
             timings[batch_size] = len(src) / (time.perf_counter() - started)
         best = max(timings, key=timings.get)
         scores = score(hyps, [refs])

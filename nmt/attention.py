@@ -1,21 +1,27 @@
-"""Attention: additive (Bahdanau), dot and general (Luong), all with one signature.
+"""Attention: additive (Bahdanau), dot and general (Luong), and the fixed context, one signature.
 
-Each module first projects the encoder states into keys once per batch (`project_keys`), then
-scores one decoder query per step against them and returns the attention weights:
+Every kind is a module that projects the encoder states into keys once per batch, then, at each
+decoder step, turns one query into a context vector and the weights it was made with:
 
-    weights = attention(query, keys, src_mask)
-    # query (batch, query_size), keys (batch, src_len, *), src_mask (batch, src_len) bool
-    # weights (batch, src_len): rows sum to 1, padding gets 0
+    keys = attention.project_keys(states)            # once per batch (nmt.model.Seq2Seq.encode)
+    context, weights = attention(query, memory)      # every step
+    # query (batch, decoder_size); memory: keys, values (the encoder states h_j), src_mask, summary
+    # context (batch, enc_size); weights (batch, src_len), rows sum to 1, padding gets 0
 
-The decoder takes the weighted sum of whatever it needs (the encoder states for the context, or
-their projections into its gates; see model.Decoder). The fixed-context baseline
-(`attention: none`) has no module at all.
+and says when it attends (`before_rnn`): Bahdanau attention and the fixed context compute c_i
+from the previous state s_{i-1}, and c_i is part of the decoder RNN's input; Luong attention
+attends after the RNN step, from the new state s_i (see nmt.model.Decoder.recur).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from nmt.model import Memory
 
 
 def masked_softmax(scores: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
@@ -24,8 +30,15 @@ def masked_softmax(scores: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor
     return torch.softmax(scores.masked_fill(~src_mask, float("-inf")), dim=-1)
 
 
+def weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """c_i = sum_j a_ij h_j: weights (batch, src_len), values (batch, src_len, enc) → (batch, enc)."""
+    return torch.bmm(weights.unsqueeze(1).to(values.dtype), values).squeeze(1)
+
+
 class AdditiveAttention(nn.Module):
-    """Bahdanau, Cho & Bengio (2015), eq. (6) and appendix A.1.2: e_ij = v^T tanh(W s + U h_j).
+    """Bahdanau, Cho & Bengio (2015), eq. (5)-(6) and appendix A.1.2:
+
+        e_ij = v^T tanh(W s_{i-1} + U h_j),   a_ij = softmax_j(e_ij),   c_i = sum_j a_ij h_j
 
     U h_j does not depend on the decoder step, so `project_keys` computes it once per batch.
     The scores are computed as 2 v^T sigmoid(2 (W s + U h_j)): tanh(x) = 2 sigmoid(2x) - 1, and
@@ -33,6 +46,8 @@ class AdditiveAttention(nn.Module):
     weights are the same; torch's sigmoid runs about 4x faster than its tanh on an AVX2 CPU, and
     this is the largest elementwise operation of a decoder step (batch x src_len x attention).
     """
+
+    before_rnn = True  # from s_{i-1}; c_i is part of the RNN's input
 
     def __init__(self, query_size: int, enc_size: int, attention_size: int):
         super().__init__()
@@ -43,10 +58,11 @@ class AdditiveAttention(nn.Module):
     def project_keys(self, enc_states: torch.Tensor) -> torch.Tensor:
         return 2 * self.key_proj(enc_states)  # (batch, src_len, attention_size): 2 U h_j
 
-    def forward(self, query, keys, src_mask):
+    def forward(self, query: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, torch.Tensor]:
         query = 2 * self.query_proj(query).unsqueeze(1)  # (batch, 1, attention): 2 (W s + b)
-        scores = _AdditiveScores.apply(keys, query, self.energy.weight.squeeze(0))  # (batch, src_len)
-        return masked_softmax(scores, src_mask)
+        scores = _AdditiveScores.apply(memory.keys, query, self.energy.weight.squeeze(0))  # (batch, src_len)
+        weights = masked_softmax(scores, memory.src_mask)
+        return weighted_sum(weights, memory.values), weights
 
 
 class _AdditiveScores(torch.autograd.Function):
@@ -74,18 +90,22 @@ class _AdditiveScores(torch.autograd.Function):
 
 
 class DotAttention(nn.Module):
-    """Luong, Pham & Manning (2015), eq. (8) "dot": score(h_t, h_s) = h_t^T h_s."""
+    """Luong, Pham & Manning (2015), eq. (8) "dot": score(s_i, h_j) = s_i^T h_j, attending after
+    the RNN step, from its new state s_i."""
+
+    before_rnn = False
 
     def project_keys(self, enc_states: torch.Tensor) -> torch.Tensor:
         return enc_states
 
-    def forward(self, query, keys, src_mask):
-        scores = torch.bmm(keys, query.unsqueeze(2).to(keys.dtype)).squeeze(2)  # (batch, src_len)
-        return masked_softmax(scores, src_mask)
+    def forward(self, query: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.bmm(memory.keys, query.unsqueeze(2).to(memory.keys.dtype)).squeeze(2)  # (batch, src_len)
+        weights = masked_softmax(scores, memory.src_mask)
+        return weighted_sum(weights, memory.values), weights
 
 
 class GeneralAttention(DotAttention):
-    """Luong et al. (2015), eq. (8) "general": score = h_t^T W_a h_s, with W_a h_s precomputed."""
+    """Luong et al. (2015), eq. (8) "general": score = s_i^T W_a h_j, with W_a h_j precomputed."""
 
     def __init__(self, query_size: int, enc_size: int):
         super().__init__()
@@ -95,7 +115,21 @@ class GeneralAttention(DotAttention):
         return self.key_proj(enc_states)  # (batch, src_len, query_size)
 
 
-def build_attention(kind: str, query_size: int, enc_size: int, attention_size: int):
+class FixedContext(nn.Module):
+    """No attention: the baseline of Cho et al. (2014) and Sutskever et al. (2014). Every step
+    reads the same context c = [h_fwd_last ; h_bwd_first], the encoder's summary of the whole
+    source (the fixed-length bottleneck attention removes). No weights."""
+
+    before_rnn = True
+
+    def project_keys(self, enc_states: torch.Tensor) -> None:
+        return None
+
+    def forward(self, query: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, None]:
+        return memory.summary, None
+
+
+def build_attention(kind: str, query_size: int, enc_size: int, attention_size: int) -> nn.Module:
     if kind == "bahdanau":
         return AdditiveAttention(query_size, enc_size, attention_size)
     if kind == "luong-dot":
@@ -103,5 +137,5 @@ def build_attention(kind: str, query_size: int, enc_size: int, attention_size: i
     if kind == "luong-general":
         return GeneralAttention(query_size, enc_size)
     if kind == "none":
-        return None
+        return FixedContext()
     raise ValueError(f"unknown attention kind {kind!r}")

@@ -1,16 +1,22 @@
-"""The `nmt` command: argparse only; every subcommand is a thin call into a plain function.
+"""The `nmt` command: each subcommand parses its arguments and calls one function of a stage's
+module.
 
 An NmtError (bad recipe key, missing file, corrupt checkpoint ...) becomes one line on stderr and
-exit status 2; Ctrl-C exits with 130.
+exit status 2; Ctrl-C exits with 130. Each command imports its stage's module when it runs: they
+import torch, which takes seconds, and `nmt --help` should not wait for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
+from nmt.config import load_recipe
 from nmt.errors import NmtError
+
+LENGTH_EDGES = "10,20,30,40"  # source-length buckets in words (nmt.evaluate.LENGTH_EDGES)
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +29,6 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from nmt.config import load_recipe
-
     config = load_recipe(args.recipe, args.overrides)
     exp_dir = args.exp if args.exp is not None else Path("exp") / config.name
     return config, exp_dir
@@ -73,10 +77,8 @@ def cmd_evaluate(args) -> None:
         results = {"hyp": evaluate_files(args.hyp, args.ref)}
     else:
         config, exp_dir = _load(args)
-        results = evaluate_recipe(config, exp_dir, beam_size=args.beam)
+        results = evaluate_recipe(config, exp_dir, beam_size=args.beam, device=args.device)
     if args.json:
-        import json
-
         print(json.dumps(results, indent=2, ensure_ascii=False))
     else:
         for name, scores in results.items():
@@ -85,7 +87,6 @@ def cmd_evaluate(args) -> None:
 
 def cmd_compare(args) -> None:
     from nmt.compare import run_compare
-    from nmt.config import load_recipe
 
     try:
         edges = [int(x) for x in args.buckets.split(",")]
@@ -93,10 +94,10 @@ def cmd_compare(args) -> None:
         raise NmtError(f"--buckets: expected comma-separated word counts, got '{args.buckets}'") from None
     if not edges or edges != sorted(set(edges)) or edges[0] <= 0:
         raise NmtError(f"--buckets: expected increasing positive word counts, got '{args.buckets}'")
-    configs = [load_recipe(recipe, args.overrides) for recipe in args.recipes]
-    first = args.exp if args.exp is not None else Path("exp") / configs[0].name
-    exp_dirs = [first] + [first.parent / c.name for c in configs[1:]]
-    report = run_compare(configs, exp_dirs, edges, heatmaps=args.heatmaps)
+    if args.heatmaps < 0:
+        raise NmtError(f"--heatmaps must be 0 or more, got {args.heatmaps}")
+    out = args.out if args.out is not None else args.experiments[0] / "compare"
+    report = run_compare(args.experiments, out, edges, heatmaps=args.heatmaps, device=args.device)
     print(report.read_text())
     print(f"wrote {report.parent}")
 
@@ -109,6 +110,9 @@ def cmd_translate(args) -> None:
         batch_size=args.batch_size, nbest=args.nbest, alignments=args.alignments,
         device=args.device, precision=args.precision,
     )
+
+
+DEVICE_HELP = "auto | cpu | cuda | cuda:N: where to decode (default auto: a GPU if there is one)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,17 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", type=Path, action="append", default=[], help="reference file(s)")
     p.add_argument("--beam", type=int, default=None, help="beam size (default: the recipe's)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("compare", help="attention model versus its fixed-context twin: report, plots")
-    p.add_argument("recipes", nargs="+", metavar="RECIPE",
-                   help="recipes to compare; the first one's fixed-context twin is added if none is given")
-    p.add_argument("--exp", type=Path, help="experiment directory of the first recipe (default: "
-                   "exp/<recipe>); the others, and the twin (<exp>-fixed), go beside it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key in every recipe compared")
-    p.add_argument("--buckets", default="10,20,30,40", help="source-length bucket edges in words")
+    p = sub.add_parser("compare", help="decode one test set with trained experiments: report, plots",
+                       description="Decode the first experiment's first test set with each experiment's "
+                                   "model (beam search with its decode settings, and greedy) and report "
+                                   "BLEU, chrF, BLEU by source length and attention heat maps. "
+                                   "`make recipe=NAME compare` trains NAME and its fixed-context twin "
+                                   "(exp/NAME-fixed) and runs this on both.")
+    p.add_argument("experiments", nargs="+", type=Path, metavar="EXP",
+                   help="trained experiment directories, e.g. exp/de-en exp/de-en-fixed")
+    p.add_argument("--out", type=Path, help="output directory (default: <first EXP>/compare)")
+    p.add_argument("--buckets", default=LENGTH_EDGES,
+                   help="source-length bucket edges in words (default: %(default)s)")
     p.add_argument("--heatmaps", type=int, default=4, help="attention heat maps to draw")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("translate", help="translate raw text line by line")
@@ -165,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="sentences per batch")
     p.add_argument("--nbest", type=int, default=1, help="print the K best, tab-separated with scores")
     p.add_argument("--alignments", action="store_true", help="append hard alignments (i-j)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                    help="bf16 or fp32 matrix products; auto: bf16 where the hardware has it "
                         "(default: the checkpoint's decode.precision)")

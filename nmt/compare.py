@@ -1,9 +1,9 @@
-"""`nmt compare`: attention versus fixed context, trained and decoded the same way.
+"""`nmt compare`: trained experiments decoded the same way, side by side.
 
-Reproduces the two findings of Bahdanau et al. (2015) on the recipe's own data: BLEU against
-source length for each variant (their Fig. 2), and attention heat maps as soft word alignments
-(their Fig. 3). The fixed-context twin is the recipe with `model.attention: none` and nothing else
-changed: same data, subwords, sizes, seed, training limits and decoding.
+Reproduces the two findings of Bahdanau et al. (2015) on a recipe's own data when given the
+recipe's experiment and its fixed-context twin (`make recipe=NAME compare` trains both): BLEU
+against source length for each model (their Fig. 2), and attention heat maps as soft word
+alignments (their Fig. 3). Training is not done here: every experiment must be trained already.
 """
 
 from __future__ import annotations
@@ -11,65 +11,145 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from nmt.config import Config, config_to_dict
+from nmt import plot
+from nmt.align import merge_attention, words_of
+from nmt.config import DecodeConfig
 from nmt.errors import NmtError
-from nmt.evaluate import score
+from nmt.evaluate import LENGTH_EDGES, bleu_by_length, bucket_labels, score
 from nmt.io import atomic_write_text, read_lines, versions, write_json
+from nmt.search import Hypothesis
+from nmt.translate import Translator
 
 
-def twin_config(config: Config) -> Config:
-    model = dataclasses.replace(config.model, attention="none", input_feeding=False)
-    return dataclasses.replace(config, name=f"{config.name}-fixed", model=model)
+@dataclass
+class TestSet:
+    name: str
+    src: list[str]
+    refs: list[str]
 
 
-def ensure_trained(config: Config, exp_dir: Path) -> dict:
-    """Run the missing stages of one experiment; reuse a finished one with the same model/train."""
-    from nmt.corpus import run_data_stage
-    from nmt.subword import run_spm_stage
-    from nmt.train import train
+@dataclass
+class Decoding:
+    """The test set decoded one way (beam search or greedy) by one model."""
 
-    summary_path = exp_dir / "model" / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        mine = config_to_dict(config)
-        for section in ("model", "train", "subword"):
-            if summary["config"][section] != mine[section]:
-                raise NmtError(f"{exp_dir}: holds a model trained with a different {section} section "
-                               f"than {config.name}; remove it or compare with --exp elsewhere")
-        print(f"{config.name}: reusing the trained model in {exp_dir}")
-        return summary
-    if not (exp_dir / "data" / "stats.json").is_file():
-        run_data_stage(config, exp_dir)
-    if not (exp_dir / "spm" / "manifest.json").is_file():
-        run_spm_stage(config, exp_dir)
-    print(f"{config.name}: training in {exp_dir}")
-    return train(config, exp_dir)
+    beam_size: int
+    scores: dict  # evaluate.score: bleu, chrf and their signatures
+    sent_per_s: float
 
 
-def bucket_labels(edges: list[int]) -> list[str]:
-    bounds = [0, *edges]
-    return [f"{lo}-{hi}" for lo, hi in zip(bounds, bounds[1:])] + [f"{edges[-1]}+"]
+@dataclass
+class Variant:
+    """One trained experiment in the comparison."""
+
+    label: str  # the experiment directory's name, e.g. de-en, de-en-fixed
+    exp: str
+    recipe: str  # config.name of the model's recipe
+    attention: str
+    params: int
+    train_seconds: float
+    epochs: int
+    steps: int
+    best_valid_bleu: float
+    beam: Decoding
+    greedy: Decoding
+    by_length: list[dict]  # evaluate.bleu_by_length of the beam search output
+    beam_hyps: list[Hypothesis] = field(default_factory=list, repr=False)  # for the heat maps
+
+    def record(self) -> dict:
+        """The numbers, for results.json (the hypotheses are in <label>/<test>.beam.hyp)."""
+        numbers = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "beam_hyps"}
+        return {**numbers, "beam": dataclasses.asdict(self.beam), "greedy": dataclasses.asdict(self.greedy)}
 
 
-def bucket_of(length: int, edges: list[int]) -> int:
-    """Buckets are [0, e1], (e1, e2], ..., (e_last, inf) in source words."""
-    for i, edge in enumerate(edges):
-        if length <= edge:
-            return i
-    return len(edges)
+def trained_summary(exp_dir: Path) -> dict:
+    """model/summary.json, which training writes when it finishes (make's target)."""
+    path = exp_dir / "model" / "summary.json"
+    if not path.is_file():
+        raise NmtError(f"{exp_dir}: no trained model (model/summary.json missing): run "
+                       f"`make recipe=RECIPE compare`, which trains a recipe and its fixed-context "
+                       f"twin, or `nmt train RECIPE --exp {exp_dir}`")
+    return json.loads(path.read_text())
 
 
-def bleu_by_length(src: list[str], hyps: list[str], refs: list[str], edges: list[int]) -> list[dict]:
-    members: list[list[int]] = [[] for _ in range(len(edges) + 1)]
-    for i, line in enumerate(src):
-        members[bucket_of(len(line.split()), edges)].append(i)
-    rows = []
-    for label, idx in zip(bucket_labels(edges), members):
-        bleu = score([hyps[i] for i in idx], [[refs[i] for i in idx]])["bleu"] if idx else None
-        rows.append({"bucket": label, "sentences": len(idx), "bleu": bleu})
-    return rows
+def labels_of(exp_dirs: list[Path]) -> list[str]:
+    """Each experiment's directory name, with as many parent directories as tell them apart."""
+    paths = [p.resolve() for p in exp_dirs]
+    if len(set(paths)) < len(paths):
+        raise NmtError("the same experiment is given twice")
+    for depth in range(1, max(len(p.parts) for p in paths) + 1):
+        labels = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise AssertionError("distinct paths differ in some part")  # pragma: no cover
+
+
+def decode_test_set(translator: Translator, decode: DecodeConfig, test: TestSet,
+                    hyp_path: Path) -> tuple[Decoding, list[Hypothesis], list[str]]:
+    started = time.perf_counter()
+    hyps = [nbest[0] for nbest in translator.search(test.src, decode)]
+    seconds = time.perf_counter() - started
+    texts = [translator.detokenize(h) for h in hyps]
+    atomic_write_text(hyp_path, "".join(t + "\n" for t in texts))
+    return Decoding(decode.beam_size, score(texts, [test.refs]), len(test.src) / max(seconds, 1e-9)), hyps, texts
+
+
+def decode_variant(translator: Translator, summary: dict, exp_dir: Path, label: str, test: TestSet,
+                   edges: Sequence[int], out: Path) -> Variant:
+    """Beam search with the model's own decode settings, and greedy; writes both outputs to
+    out/<test>.{beam,greedy}.hyp."""
+    beam, beam_hyps, beam_texts = decode_test_set(translator, translator.decode, test,
+                                                  out / f"{test.name}.beam.hyp")
+    greedy_decode = dataclasses.replace(translator.decode, beam_size=1)
+    greedy, _, _ = decode_test_set(translator, greedy_decode, test, out / f"{test.name}.greedy.hyp")
+    config = translator.config
+    return Variant(
+        label=label, exp=str(exp_dir), recipe=config.name, attention=config.model.attention,
+        params=summary["num_parameters"], train_seconds=summary["train_seconds"],
+        epochs=summary["epochs"], steps=summary["steps"], best_valid_bleu=summary["best_valid_bleu"],
+        beam=beam, greedy=greedy, by_length=bleu_by_length(test.src, beam_texts, test.refs, edges),
+        beam_hyps=beam_hyps,
+    )
+
+
+def run_compare(exp_dirs: list[Path], out: Path, edges: Sequence[int] = LENGTH_EDGES, heatmaps: int = 4,
+                device: str = "auto") -> Path:
+    """Decode the first experiment's first test set with every experiment's model; write
+    report.md (last: it marks the comparison complete), results.json and the pictures to `out`."""
+    summaries = [trained_summary(exp_dir) for exp_dir in exp_dirs]  # all of them before any work
+    labels = labels_of(exp_dirs)
+    pairs = {exp_dir: "{src_lang}-{tgt_lang}".format(**s["config"]["data"]) for exp_dir, s in zip(exp_dirs, summaries)}
+    if len(set(pairs.values())) > 1:
+        raise NmtError("experiments of different language pairs: "
+                       + ", ".join(f"{exp_dir} {pair}" for exp_dir, pair in pairs.items()))
+    test_name = next(iter(summaries[0]["config"]["data"]["test"]))
+    src_path = exp_dirs[0] / "data" / f"{test_name}.src"  # one test set for all
+    test = TestSet(test_name, read_lines(src_path), read_lines(src_path.with_suffix(".tgt")))
+    (out / "report.md").unlink(missing_ok=True)
+    for stale in (out / "attention").glob("*.png"):
+        stale.unlink()
+    pictures = plot.available()
+    variants, heatmaps_of = [], None
+    for exp_dir, label, summary in zip(exp_dirs, labels, summaries):
+        translator = Translator.from_path(exp_dir, device=device)
+        variant = decode_variant(translator, summary, exp_dir, label, test, edges, out / label)
+        if pictures and heatmaps > 0 and heatmaps_of is None and variant.attention != "none":
+            draw_heatmaps(translator, variant, test.src, out / "attention", heatmaps)
+            heatmaps_of = label
+        variants.append(variant)
+
+    buckets = bucket_labels(edges)
+    if pictures:
+        series = {v.label: [row["bleu"] for row in v.by_length] for v in variants}
+        plot.bleu_by_length(buckets, series, out / "bleu_by_length.png",
+                            title=f"BLEU by source length ({test_name}, beam)")
+    write_json(out / "results.json", {"test_set": test_name, "source": str(src_path), "buckets": buckets,
+                                      "variants": [v.record() for v in variants], "versions": versions()})
+    atomic_write_text(out / "report.md", render_report(variants, buckets, test_name, pictures, heatmaps_of))
+    return out / "report.md"
 
 
 def heatmap_sentences(src: list[str], wanted=(8, 14, 20, 30), eligible=None) -> list[int]:
@@ -85,106 +165,48 @@ def heatmap_sentences(src: list[str], wanted=(8, 14, 20, 30), eligible=None) -> 
     return sorted(set(chosen), key=lambda i: lengths[i])
 
 
-def run_compare(configs: list[Config], exp_dirs: list[Path], edges: list[int], heatmaps: int = 4) -> Path:
-    from nmt import plot
-    from nmt.translate import Translator
-
-    if not any(c.model.attention == "none" for c in configs):
-        configs = [*configs, twin_config(configs[0])]
-        exp_dirs = [*exp_dirs, exp_dirs[0].parent / f"{exp_dirs[0].name}-fixed"]
-    out = exp_dirs[0] / "compare"
-    (out / "report.md").unlink(missing_ok=True)  # the stage's completion marker
-    test_name = next(iter(configs[0].data.test))
-    variants = []
-    for config, exp_dir in zip(configs, exp_dirs):
-        summary = ensure_trained(config, exp_dir)
-        src = read_lines(exp_dirs[0] / "data" / f"{test_name}.src")  # one test set for all
-        refs = read_lines(exp_dirs[0] / "data" / f"{test_name}.tgt")
-        translator = Translator.from_path(exp_dir, device=config.train.device, decode=config.decode)
-        decoded = {}
-        for mode, beam in (("beam", config.decode.beam_size), ("greedy", 1)):
-            started = time.perf_counter()
-            hyps = translator.search(src, beam_size=beam)
-            seconds = time.perf_counter() - started
-            texts = [translator.detokenize(h[0]) for h in hyps]
-            atomic_write_text(out / config.name / f"{test_name}.{mode}.hyp", "".join(t + "\n" for t in texts))
-            decoded[mode] = {"hyps": hyps, "texts": texts, "scores": score(texts, [refs]),
-                             "sent_per_s": len(src) / seconds, "beam_size": beam}
-        variants.append({
-            "name": config.name, "attention": config.model.attention, "exp": str(exp_dir),
-            "params": summary["num_parameters"], "train_seconds": summary["train_seconds"],
-            "epochs": summary["epochs"], "steps": summary["steps"],
-            "best_valid_bleu": summary["best_valid_bleu"],
-            "beam": {k: v for k, v in decoded["beam"].items() if k not in ("hyps", "texts")},
-            "greedy": {k: v for k, v in decoded["greedy"].items() if k not in ("hyps", "texts")},
-            "by_length": bleu_by_length(src, decoded["beam"]["texts"], refs, edges),
-            "_decoded": decoded, "_translator": translator, "_src": src,
-        })
-
-    labels = bucket_labels(edges)
-    pictures = plot.available()
-    if pictures:
-        series = {v["name"]: [row["bleu"] for row in v["by_length"]] for v in variants}
-        plot.bleu_by_length(labels, series, out / "bleu_by_length.png",
-                            title=f"{configs[0].name}: BLEU by source length ({test_name}, beam)")
-        attending = next((v for v in variants if v["attention"] != "none"), None)
-        if attending is not None:
-            draw_heatmaps(attending, out / "attention", heatmaps)
-    report = render_report(variants, labels, test_name, pictures, configs[0].name)
-    public = [{k: v for k, v in variant.items() if not k.startswith("_")} for variant in variants]
-    write_json(out / "results.json", {"test_set": test_name, "buckets": labels, "variants": public,
-                                      "versions": versions()})
-    atomic_write_text(out / "report.md", report)
-    return out / "report.md"
-
-
-def draw_heatmaps(variant: dict, out: Path, count: int) -> None:
-    from nmt import plot
-    from nmt.align import merge_attention, words_of
-
-    translator, src = variant["_translator"], variant["_src"]
-    hyps = [h[0] for h in variant["_decoded"]["beam"]["hyps"]]
+def draw_heatmaps(translator: Translator, variant: Variant, src: list[str], out: Path, count: int) -> None:
+    hyps = variant.beam_hyps
     drawable = [i for i, h in enumerate(hyps) if h.tokens and h.attention is not None]
     for index in heatmap_sentences(src, eligible=drawable)[:count]:
         hyp = hyps[index]
         src_pieces = translator.src_spm.encode(src[index], out_type=str)
         tgt_pieces = translator.target_pieces(hyp)
-        merged = merge_attention(hyp.attention[:-1], src_pieces, tgt_pieces)
+        merged = merge_attention(hyp.attention[:-1], src_pieces, tgt_pieces)  # the EOS row dropped
         plot.attention_heatmap(merged, words_of(src_pieces), words_of(tgt_pieces),
-                               out / f"{index}.png", title=f"{variant['name']}, test sentence {index}")
+                               out / f"{index}.png", title=f"{variant.label}, test sentence {index}")
 
 
-def render_report(variants: list[dict], labels: list[str], test_name: str, pictures: bool,
-                  name: str) -> str:
-    lines = [f"# {name}: attention versus fixed context", "",
-             f"Test set `{test_name}`; beam search with each recipe's decode settings, and greedy.", "",
+def render_report(variants: list[Variant], buckets: list[str], test_name: str, pictures: bool,
+                  heatmaps_of: str | None = None) -> str:
+    lines = [f"# {' versus '.join(v.label for v in variants)}", "",
+             f"Test set `{test_name}`; beam search with each model's decode settings, and greedy.", "",
              "| variant | attention | params | train time | epochs (steps) | best valid BLEU "
              "| test BLEU beam | chrF beam | BLEU greedy | chrF greedy | beam sent/s | greedy sent/s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in variants:
         lines.append(
-            f"| {v['name']} | {v['attention']} | {v['params'] / 1e6:.2f} M | {v['train_seconds'] / 60:.1f} min "
-            f"| {v['epochs']} ({v['steps']}) | {v['best_valid_bleu']:.2f} | {v['beam']['scores']['bleu']:.2f} "
-            f"| {v['beam']['scores']['chrf']:.2f} | {v['greedy']['scores']['bleu']:.2f} "
-            f"| {v['greedy']['scores']['chrf']:.2f} | {v['beam']['sent_per_s']:.0f} | {v['greedy']['sent_per_s']:.0f} |")
+            f"| {v.label} | {v.attention} | {v.params / 1e6:.2f} M | {v.train_seconds / 60:.1f} min "
+            f"| {v.epochs} ({v.steps}) | {v.best_valid_bleu:.2f} | {v.beam.scores['bleu']:.2f} "
+            f"| {v.beam.scores['chrf']:.2f} | {v.greedy.scores['bleu']:.2f} "
+            f"| {v.greedy.scores['chrf']:.2f} | {v.beam.sent_per_s:.0f} | {v.greedy.sent_per_s:.0f} |")
     lines += ["", "## BLEU by source length (words), beam search", "",
-              "| source words | sentences | " + " | ".join(v["name"] for v in variants) + " |",
+              "| source words | sentences | " + " | ".join(v.label for v in variants) + " |",
               "|---|---:|" + "---:|" * len(variants)]
-    for i, label in enumerate(labels):
-        cells = [v["by_length"][i]["bleu"] for v in variants]
+    for i, bucket in enumerate(buckets):
+        cells = [v.by_length[i]["bleu"] for v in variants]
         shown = " | ".join("–" if c is None else f"{c:.2f}" for c in cells)
-        lines.append(f"| {label} | {variants[0]['by_length'][i]['sentences']} | {shown} |")
-    lines += ["", f"BLEU signature: `{variants[0]['beam']['scores']['bleu_signature']}`",
-              f"chrF signature: `{variants[0]['beam']['scores']['chrf_signature']}`", ""]
+        lines.append(f"| {bucket} | {variants[0].by_length[i]['sentences']} | {shown} |")
+    lines += ["", f"BLEU signature: `{variants[0].beam.scores['bleu_signature']}`",
+              f"chrF signature: `{variants[0].beam.scores['chrf_signature']}`", ""]
     if pictures:
-        lines += ["![BLEU by source length](bleu_by_length.png)", "",
-                  "Attention heat maps of test sentences of different lengths are in `attention/`"
-                  " (source words on x, target words on y; SentencePiece pieces merged into words"
-                  " by summing weights over a word's source pieces and averaging over its target"
-                  " pieces).", ""]
-    else:
-        from nmt.plot import INSTALL_HINT
-
-        lines += [f"No pictures: matplotlib is not installed. Install it with `{INSTALL_HINT}` and"
+        lines += ["![BLEU by source length](bleu_by_length.png)", ""]
+    if pictures and heatmaps_of is not None:
+        lines += [f"Attention heat maps of {heatmaps_of} for test sentences of different lengths are in"
+                  " `attention/` (source words on x, target words on y; SentencePiece pieces merged"
+                  " into words by summing weights over a word's source pieces and averaging over its"
+                  " target pieces).", ""]
+    if not pictures:
+        lines += [f"No pictures: matplotlib is not installed. Install it with `{plot.INSTALL_HINT}` and"
                   " rerun `nmt compare` to get bleu_by_length.png and attention heat maps.", ""]
     return "\n".join(lines)

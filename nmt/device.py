@@ -9,6 +9,7 @@ asks the hardware and says what it chose, once.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
 from dataclasses import asdict, dataclass
@@ -21,7 +22,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when there is one, else the CPU."""
+    """`auto` is CUDA when there is one, else the CPU. Training takes `train.device`; decoding
+    (`nmt translate`, `evaluate`, `compare`) takes `--device`, by default `auto` too."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -128,3 +130,21 @@ def machine() -> dict:
             "amx": caps.amx, "native_bf16": caps.native_bf16, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "machine": platform.machine(),
             "class": "bf16-native" if caps.native_bf16 else "fp32-only"}
+
+
+def autocast(device: torch.device | str, precision: str):
+    """bf16: matrix products run in bfloat16 (AVX-512 BF16 on CPU, tensor cores on GPU) while the
+    parameters, the recurrent state and the loss stay in fp32. `precision` is a resolved one
+    (Precision.name), never `auto`."""
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"autocast takes fp32 or bf16, got {precision!r}")
+    return contextlib.nullcontext()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matrix products in right now on this device, or None."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None

@@ -3,8 +3,12 @@
 `nmt train` started by torchrun (WORLD_SIZE > 1 in the environment) joins the process group
 (gloo on CPU, nccl on CUDA). Every rank builds the same epoch batches from the seed and trains on
 its own disjoint share; DDP averages the gradients. Rank 0 alone validates, logs and writes
-checkpoints, and every decision (validation BLEU, stop) is broadcast so all ranks act alike.
-Started without torchrun, everything here is a no-op and training runs as one process.
+checkpoints, and every decision is agreed on here so all ranks act alike: the validation BLEU is
+rank 0's (`broadcast_float`), and after every update one all-reduce (`agree`) sums the token
+counts and the stop requests and time-budget flags, which may differ between ranks. Whether an
+update is applied needs no agreement: it depends on the gradient norm, computed from gradients
+that DDP has already made identical on every rank. Started without torchrun, everything here is
+a no-op and training runs as one process.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass
@@ -44,6 +49,21 @@ def join(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def rank_device(world: World, device: torch.device) -> torch.device:
+    """The device of this rank: under torchrun on GPUs, GPU number LOCAL_RANK."""
+    if device.type == "cuda" and world.active:
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """What the training forward runs: the model itself, or under torchrun its DDP wrapper, whose
+    backward pass averages the gradients over the ranks."""
+    if not world.active:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def leave(world: World) -> None:
     if world.active and dist.is_initialized():
         dist.destroy_process_group()
@@ -58,8 +78,8 @@ def broadcast_float(world: World, value: float, device: torch.device) -> float:
     return float(tensor.item())
 
 
-def sum_over_ranks(world: World, values: list[int], device: torch.device) -> list[int]:
-    """Element-wise sums over all ranks, in one all-reduce (token counts, stop and NaN flags)."""
+def agree(world: World, values: list[int], device: torch.device) -> list[int]:
+    """Element-wise sums over all ranks, in one all-reduce (token counts, stop and budget flags)."""
     if not world.active:
         return values
     tensor = torch.tensor(values, dtype=torch.int64, device=device)

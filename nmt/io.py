@@ -1,4 +1,4 @@
-"""Files: atomic writes and strict reading of line-aligned text.
+"""Files: atomic writes, strict reading of line-aligned text, and the experiment lock.
 
 Every output nmt writes goes through `atomic_output`: it is written to a temporary file in the same
 directory, flushed to disk, then renamed over the target. A crash (or kill -9) at any moment leaves
@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import os
+import platform
 import tempfile
 from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from nmt.errors import NmtError
@@ -100,17 +103,52 @@ def read_aligned(src_path: Path, tgt_path: Path, skip_bad: bool = False) -> tupl
     return [s for s, _ in pairs], [t for _, t in pairs], len(src) - len(pairs)
 
 
-def write_json(path: str | Path, obj) -> None:
-    import json
+@contextlib.contextmanager
+def exclusive_lock(path: Path, log=print):
+    """One owner at a time (one `nmt train` per experiment): a lock file holding the owner's pid,
+    removed on exit. A lock whose process is gone (killed, machine rebooted) is stale and taken
+    over, with a line through `log`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or "0")
+            except (OSError, ValueError):
+                owner = 0
+            if owner > 0 and _alive(owner):
+                raise NmtError(f"{path}: another `nmt train` (pid {owner}) is training this "
+                               "experiment; wait for it or stop it first") from None
+            log(f"removing stale lock {path} (pid {owner} is not running)")
+            path.unlink(missing_ok=True)
+    else:  # pragma: no cover - lost a race twice
+        raise NmtError(f"{path}: could not take the training lock")
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def versions() -> dict:
     """Versions of everything that changes a result, recorded in every output."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {"python": platform.python_version()}
     for package in ("nmt", "torch", "sentencepiece", "sacrebleu", "numpy"):
         try:

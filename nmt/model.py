@@ -11,21 +11,23 @@ Align and Translate", and Cho et al. (2014) for the fixed-context baseline:
     deep output  t_i = tanh(W_o [s_i ; c_i ; y_{i-1}]),   p(y_i | ...) = softmax(V t_i)
 
 Luong attention (dot/general) instead attends *after* the RNN step with the new state s_i, and
-`input_feeding` feeds t_{i-1} back into the RNN input (Luong et al. 2015, section 3.3).
-Ids 0-3 are pad, unk, bos, eos (nmt.subword).
+`input_feeding` feeds t_{i-1} back into the RNN input (Luong et al. 2015, section 3.3). Each kind
+of attention, the fixed context included, is a module of nmt.attention; the vocabulary projection
+V and the loss are nmt.output. Ids 0-3 are pad, unk, bos, eos (nmt.subword).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmt.attention import build_attention
+from nmt.attention import FixedContext, build_attention
 from nmt.config import ModelConfig
+from nmt.device import autocast_dtype
+from nmt.output import OutputLayer
 from nmt.subword import BOS_ID, PAD_ID
 
 RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
@@ -36,7 +38,7 @@ class Memory:
     """What the decoder reads from the encoder: fixed for a batch, reordered for beams. Everything
     here is computed once per batch, not once per decoder step."""
 
-    keys: torch.Tensor | None  # (batch, src_len, key_size): the attention's projection of values
+    keys: torch.Tensor | None  # (batch, src_len, key_size): attention.project_keys(values)
     values: torch.Tensor  # (batch, src_len, enc_size): the encoder states h_j
     src_mask: torch.Tensor  # (batch, src_len) bool, True on real tokens
     summary: torch.Tensor  # (batch, enc_size): the fixed context c of the baseline
@@ -48,7 +50,7 @@ class Memory:
     # sentences, so index_select passes them on unchanged.
     context_weight: torch.Tensor | None = None
     feed_weight: torch.Tensor | None = None
-    # The output projection padded for speed (see padded_output), for search's steps.
+    # The output projection padded for speed (OutputLayer.padded), for search's steps.
     output_weight: torch.Tensor | None = None
     output_bias: torch.Tensor | None = None
 
@@ -156,10 +158,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.enc_size = enc_size
-        self.attends_first = cfg.attention in ("bahdanau", "none")  # context from s_{i-1}
         self.embed = nn.Embedding(vocab_size, cfg.embed_size, padding_idx=PAD_ID)
         self.attention = build_attention(cfg.attention, cfg.decoder_size, enc_size, cfg.attention_size)
-        rnn_input = cfg.embed_size + (enc_size if self.attends_first else 0)
+        rnn_input = cfg.embed_size + (enc_size if self.attention.before_rnn else 0)
         rnn_input += cfg.output_size if cfg.input_feeding else 0
         # The RNN's parameters, laid out as torch's (and initialised, saved and loaded as such);
         # its recurrence is written out in `recur` so that the input projections can be hoisted.
@@ -171,7 +172,7 @@ class Decoder(nn.Module):
         self.bridge = nn.Linear(enc_size, cfg.dec_layers * cfg.decoder_size)
         self.bridge_cell = nn.Linear(enc_size, cfg.dec_layers * cfg.decoder_size) if cfg.cell == "lstm" else None
         self.pre_output = nn.Linear(cfg.decoder_size + enc_size + cfg.embed_size, cfg.output_size)
-        self.output = nn.Linear(cfg.output_size, vocab_size)
+        self.output = OutputLayer(cfg.output_size, vocab_size)
         if cfg.tie_embeddings:
             self.output.weight = self.embed.weight
         self.dropout = Dropout(cfg.dropout)
@@ -199,7 +200,7 @@ class Decoder(nn.Module):
         """W_ih's blocks for the embedding, the context (or None) and the fed output (or None)."""
         w, e = self.rnn.weight_ih_l0, self.cfg.embed_size
         w = w if dtype is None else w.to(dtype)
-        context = w[:, e : e + self.enc_size] if self.attends_first else None
+        context = w[:, e : e + self.enc_size] if self.attention.before_rnn else None
         fed = w[:, w.size(1) - self.cfg.output_size :] if self.cfg.input_feeding else None
         return w[:, :e], context, fed
 
@@ -210,13 +211,13 @@ class Decoder(nn.Module):
         dtype = autocast_dtype(memory.values.device)
         _, memory.context_weight, memory.feed_weight = self._input_weights(dtype)
         if not torch.is_grad_enabled():  # search: its steps compute the output distribution
-            memory.output_weight, memory.output_bias = padded_output(self.output.weight, self.output.bias, dtype)
+            memory.output_weight, memory.output_bias = self.output.padded(dtype)
         if dtype is not None:
             same = memory.keys is memory.values  # Luong dot: the keys are the states
             memory.values = memory.values.to(dtype)
             if memory.keys is not None:
                 memory.keys = memory.values if same else memory.keys.to(dtype)
-        if self.attention is None:
+        if isinstance(self.attention, FixedContext):  # W_c c is the same at every step
             memory.summary_gates = F.linear(memory.summary, memory.context_weight)
         return memory
 
@@ -228,14 +229,13 @@ class Decoder(nn.Module):
         """One target position i, from y_{i-1} projected (batch, gates * decoder_size) → s_i
         (batch, decoder_size), context c_i (batch, enc_size), attention a_i (batch, src_len) or
         None, the new state."""
-        weights, gates, context = None, projected, memory.summary
-        if self.attends_first:
-            if self.attention is None:
-                gates = gates + memory.summary_gates
-            else:
-                weights = self.attention(state.hidden[-1], memory.keys, memory.src_mask)  # from s_{i-1}
-                context = self.context(weights, memory)
-                gates = gates + F.linear(context, memory.context_weight)
+        gates = projected
+        if self.attention.before_rnn:  # Bahdanau, fixed context: c_i from s_{i-1}, into the RNN
+            context, weights = self.attention(state.hidden[-1], memory)
+            context_gates = memory.summary_gates  # the fixed context's, computed once (prepare)
+            if context_gates is None:
+                context_gates = F.linear(context, memory.context_weight)
+            gates = gates + context_gates
         if state.output is not None:  # input feeding: t_{i-1}
             gates = gates + F.linear(state.output, memory.feed_weight)
         hiddens, cells = [], []
@@ -248,9 +248,8 @@ class Decoder(nn.Module):
             hiddens.append(h)
             cells.append(c)
         s_i = hiddens[-1]
-        if not self.attends_first:
-            weights = self.attention(s_i, memory.keys, memory.src_mask)  # Luong: from s_i
-            context = self.context(weights, memory)
+        if not self.attention.before_rnn:  # Luong: c_i from the new state s_i
+            context, weights = self.attention(s_i, memory)
         cell = torch.stack(cells) if state.cell is not None else None
         return s_i, context, weights, DecoderState(torch.stack(hiddens), cell, None)
 
@@ -273,11 +272,6 @@ class Decoder(nn.Module):
             return torch.sigmoid(o) * torch.tanh(c), c
         return torch.tanh(input_gates + hidden_gates), None
 
-    @staticmethod
-    def context(weights: torch.Tensor, memory: Memory) -> torch.Tensor:
-        """c_i = sum_j a_ij h_j: weights (batch, src_len) → (batch, enc_size)."""
-        return torch.bmm(weights.unsqueeze(1).to(memory.values.dtype), memory.values).squeeze(1)
-
     def deep_output(self, s: torch.Tensor, context: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         """t_i = tanh(W_o [s_i ; c_i ; y_{i-1}]) for one step or, stacked, for all of them."""
         return torch.tanh(self.pre_output(self.dropout(torch.cat([s, context, embedded], dim=-1))))
@@ -293,12 +287,11 @@ class Decoder(nn.Module):
 
     def log_probs(self, t: torch.Tensor, memory: Memory) -> torch.Tensor:
         """log p(y_i | ...) from t_i (batch, output_size) → (batch, vocab), in fp32 at least."""
-        if memory.output_weight is None:  # outside search (with gradients): the layer as it is
-            logits = self.output(t)
-        else:
-            logits = F.linear(t, memory.output_weight, memory.output_bias)  # (batch, padded vocab)
-        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        return log_probs[:, : self.output.out_features]
+        return self.output.log_probs(t, memory.output_weight, memory.output_bias)
+
+    def loss(self, t: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Training: mean cross-entropy of t (tokens, output_size) against targets (tokens,)."""
+        return self.output.loss(self.dropout(t), targets, label_smoothing)
 
 
 class Seq2Seq(nn.Module):
@@ -319,15 +312,22 @@ class Seq2Seq(nn.Module):
 
     def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor):
         states, summary = self.encoder(src_ids, src_lens)
-        attention = self.decoder.attention
-        keys = attention.project_keys(states) if attention is not None else None
+        keys = self.decoder.attention.project_keys(states)
         memory = self.decoder.prepare(Memory(keys, states, src_ids != PAD_ID, summary))
         return memory, self.decoder.init_state(summary)
 
-    def forward(self, src_ids, src_lens, tgt_in):
-        """Teacher forcing: tgt_in (batch, tgt_len) starts with BOS → t (batch, tgt_len, output_size)
-        and attention (batch, tgt_len, src_len) or None. The vocabulary projection is left to the
-        caller so that it runs once, over real tokens only (see train.batch_loss)."""
+    def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor,
+                tgt_out: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Training: the mean cross-entropy per real target token of the batch (nmt.batches.Batch's
+        tensors). The vocabulary projection runs once, over the real tokens of all steps."""
+        outputs, _ = self.teacher_forced(src_ids, src_lens, tgt_in)  # (batch, tgt_len, output_size)
+        real = tgt_out != PAD_ID
+        return self.decoder.loss(outputs[real], tgt_out[real], label_smoothing)
+
+    def teacher_forced(self, src_ids: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor):
+        """tgt_in (batch, tgt_len) starts with BOS → t (batch, tgt_len, output_size) and attention
+        (batch, tgt_len, src_len) or None (fixed context), every step reading the reference's
+        previous token."""
         decoder = self.decoder
         memory, state = self.encode(src_ids, src_lens)
         # Everything that does not depend on the previous step is computed for all steps at once:
@@ -358,43 +358,6 @@ class Seq2Seq(nn.Module):
         embedded = self.decoder.embed(prev_ids)  # (batch, embed)
         t_i, state, weights = self.decoder.step(embedded, state, memory)
         return self.decoder.log_probs(t_i, memory), state, weights
-
-
-def autocast(device: torch.device | str, precision: str):
-    """bf16: matrix products run in bfloat16 (AVX-512 BF16 on CPU, tensor cores on GPU) while the
-    parameters, the recurrent state and the loss stay in fp32. `precision` is a resolved one
-    (nmt.device.resolve_precision), never `auto`."""
-    if precision == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"autocast takes fp32 or bf16, got {precision!r}")
-    return contextlib.nullcontext()
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast computes matrix products in right now on this device, or None."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
-OUTPUT_ROWS_MULTIPLE = 32
-
-
-def padded_output(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None):
-    """The output projection weight (vocab, size) and bias with rows of zeros (and a bias of -inf)
-    added up to a multiple of 32 outputs, optionally cast: (padded, size), (padded,).
-
-    A product whose output rows are not a multiple of 32 floats long runs at about half speed in
-    MKL's sgemm (a 3,961-piece vocabulary: see bench/README.md), so the logits are computed over
-    the padded vocabulary and the extra columns, with probability exactly 0, are cut off."""
-    vocab = weight.size(0)
-    padded = -(-vocab // OUTPUT_ROWS_MULTIPLE) * OUTPUT_ROWS_MULTIPLE
-    weight = weight.detach() if dtype is None else weight.detach().to(dtype)
-    pad_weight = weight.new_zeros(padded - vocab, weight.size(1))
-    bias = weight.new_zeros(vocab) if bias is None else bias.detach().to(weight.dtype)
-    pad_bias = weight.new_full((padded - vocab,), float("-inf"))
-    return torch.cat([weight, pad_weight]), torch.cat([bias, pad_bias])
 
 
 def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:

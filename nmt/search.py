@@ -7,14 +7,21 @@ rest, so the beam stays full (as in fairseq). A sentence is done when it has `be
 hypotheses; the search ends when every sentence is done. Length normalisation is applied when a
 hypothesis finishes: GNMT's ((5 + |y|) / 6) ** alpha (Wu et al. 2016, eq. 14), the plain average
 log-probability, or none.
+
+Every function takes the decode settings whole (nmt.config.DecodeConfig: beam size, batch size,
+length limits and penalty); beam size 1 is greedy search.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from nmt.batches import pad, sentence_batches
+from nmt.config import DecodeConfig
+from nmt.device import autocast
 from nmt.model import Seq2Seq, bos_column
 from nmt.subword import EOS_ID
 
@@ -41,13 +48,14 @@ def max_lengths(src_lens: torch.Tensor, a: float, b: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_search(model: Seq2Seq, src_ids, src_lens, max_len_a=1.5, max_len_b=10,
-                  length_penalty="none", alpha=0.0) -> list[Hypothesis]:
+def greedy_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor,
+                  decode: DecodeConfig) -> list[Hypothesis]:
     """The most probable token at each step; scores normalised like beam search's. A sentence
-    that has produced EOS leaves the batch, so the last steps only compute the long ones."""
+    that has produced EOS leaves the batch, so the last steps only compute the long ones.
+    src_ids (batch, src_len), src_lens (batch,) → one hypothesis per sentence."""
     batch, device = src_ids.size(0), src_ids.device
     memory, state = model.encode(src_ids, src_lens)
-    limits = max_lengths(src_lens, max_len_a, max_len_b).to(device)
+    limits = max_lengths(src_lens, decode.max_len_a, decode.max_len_b).to(device)
     max_steps = int(limits.max())
     live = torch.arange(batch, device=device)  # the sentence of each row still decoding
     tokens = torch.zeros(batch, max_steps, dtype=torch.long, device=device)
@@ -56,7 +64,7 @@ def greedy_search(model: Seq2Seq, src_ids, src_lens, max_len_a=1.5, max_len_b=10
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     prev = bos_column(batch, device)
     for step in range(max_steps):
-        step_log_probs, state, attn = model.decode_step(prev, state, memory)
+        step_log_probs, state, attn = model.decode_step(prev, state, memory)  # (rows, vocab), _, (rows, src_len)
         at_limit = limits[live] <= step + 1  # the last position allowed must be EOS
         if bool(at_limit.any()):
             step_log_probs[at_limit] = _only_eos(step_log_probs[at_limit])
@@ -80,7 +88,7 @@ def greedy_search(model: Seq2Seq, src_ids, src_lens, max_len_a=1.5, max_len_b=10
     results = []
     for row in range(batch):
         n = lengths[row]
-        score = normalise(log_probs[row], n, length_penalty, alpha)
+        score = normalise(log_probs[row], n, decode.length_penalty, decode.alpha)
         attn = attention[row, :n, : int(src_lens[row])].cpu() if attention is not None else None
         results.append(Hypothesis(tokens[row][: n - 1], score, log_probs[row], attn))
     return results
@@ -93,16 +101,17 @@ def _only_eos(log_probs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def beam_search(model: Seq2Seq, src_ids, src_lens, beam_size=5, max_len_a=1.5, max_len_b=10,
-                length_penalty="gnmt", alpha=0.6, nbest=1) -> list[list[Hypothesis]]:
-    """The `nbest` best hypotheses of each sentence, best first."""
+def beam_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, decode: DecodeConfig,
+                nbest: int = 1) -> list[list[Hypothesis]]:
+    """The `nbest` best hypotheses of each sentence, best first. src_ids (batch, src_len),
+    src_lens (batch,); the beam has decode.beam_size rows per sentence."""
     batch, device = src_ids.size(0), src_ids.device
-    k = beam_size
+    k = decode.beam_size
     memory, state = model.encode(src_ids, src_lens)
     # Every sentence gets k rows; the encoder output (and attention keys) are expanded once.
     rows = torch.arange(batch, device=device).repeat_interleave(k)  # (batch * k,)
     memory, state = memory.index_select(rows), state.index_select(rows)
-    limits = max_lengths(src_lens, max_len_a, max_len_b).to(device)  # (batch,)
+    limits = max_lengths(src_lens, decode.max_len_a, decode.max_len_b).to(device)  # (batch,)
     limit_list, src_len_list = limits.tolist(), src_lens.tolist()
     live = list(range(batch))  # the sentences still searching; each has k consecutive rows
 
@@ -146,7 +155,8 @@ def beam_search(model: Seq2Seq, src_ids, src_lens, beam_size=5, max_len_a=1.5, m
                 if attn_history is not None:
                     hyp_attn = attn_history[source_row, :, : src_len_list[sent]].cpu()
                 finished[sent].append(Hypothesis(history[source_row].tolist(),
-                                                 normalise(raw, step + 1, length_penalty, alpha), raw, hyp_attn))
+                                                 normalise(raw, step + 1, decode.length_penalty, decode.alpha),
+                                                 raw, hyp_attn))
         # A sentence with k finished hypotheses, or at its length limit, is done and leaves.
         keep = [i for i, sent in enumerate(live) if len(finished[sent]) < k and limit_list[sent] > step + 1]
         if not keep:
@@ -171,42 +181,27 @@ def beam_search(model: Seq2Seq, src_ids, src_lens, beam_size=5, max_len_a=1.5, m
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
 
 
-def search_corpus(model: Seq2Seq, src_seqs: list, device, beam_size: int = 1, batch_size: int = 64,
-                  max_len_a: float = 1.5, max_len_b: int = 10, length_penalty: str = "gnmt",
-                  alpha: float = 0.6, nbest: int = 1, precision: str = "fp32") -> list[list[Hypothesis]]:
-    """Decode many sentences (lists of source ids) in length-sorted batches, in input order.
-
-    Beam size 1 is greedy search. An empty source gives an empty hypothesis without decoding.
-    """
-    from nmt.model import autocast
-
-    with autocast(device, precision):
-        return _search_corpus(model, src_seqs, device, beam_size, batch_size, max_len_a, max_len_b,
-                              length_penalty, alpha, nbest)
-
-
-def _search_corpus(model, src_seqs, device, beam_size, batch_size, max_len_a, max_len_b,
-                   length_penalty, alpha, nbest) -> list[list[Hypothesis]]:
-    import numpy as np
-
-    from nmt.batches import pad, sentence_batches
-
+def search_corpus(model: Seq2Seq, src_seqs: list, decode: DecodeConfig, precision: str = "fp32",
+                  nbest: int = 1) -> list[list[Hypothesis]]:
+    """Decode many sentences (lists of source ids) in length-sorted batches of decode.batch_size,
+    on the model's device, in the resolved `precision` (fp32 | bf16); results in input order.
+    Beam size 1 is greedy search. An empty source gives an empty hypothesis without decoding."""
+    device = next(model.parameters()).device
     results: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0, None)] for _ in src_seqs]
     lengths = np.array([len(s) for s in src_seqs], dtype=np.int64)
     non_empty = np.flatnonzero(lengths > 0)
     was_training = model.training
     model.eval()
-    for batch in sentence_batches(lengths[non_empty], batch_size):
-        indices = non_empty[batch]
-        src_ids, src_lens = pad([src_seqs[i] for i in indices])
-        src_ids, src_lens = src_ids.to(device), src_lens.to(device)
-        if beam_size == 1:
-            hyps = [[h] for h in greedy_search(model, src_ids, src_lens, max_len_a, max_len_b,
-                                               length_penalty, alpha)]
-        else:
-            hyps = beam_search(model, src_ids, src_lens, beam_size, max_len_a, max_len_b,
-                               length_penalty, alpha, nbest)
-        for i, h in zip(indices, hyps):
-            results[i] = h
+    with autocast(device, precision):
+        for batch in sentence_batches(lengths[non_empty], decode.batch_size):
+            indices = non_empty[batch]
+            src_ids, src_lens = pad([src_seqs[i] for i in indices])
+            src_ids, src_lens = src_ids.to(device), src_lens.to(device)
+            if decode.beam_size == 1:
+                hyps = [[h] for h in greedy_search(model, src_ids, src_lens, decode)]
+            else:
+                hyps = beam_search(model, src_ids, src_lens, decode, nbest)
+            for i, h in zip(indices, hyps):
+                results[i] = h
     model.train(was_training)
     return results

@@ -138,11 +138,52 @@ def output_vocabulary(train: EncodedSplit) -> np.ndarray:
     return np.union1d(np.arange(4), np.unique(train.tgt_ids)).astype(np.int64)
 
 
-def to_output_ids(spm_ids: np.ndarray, vocab: np.ndarray, spm_size: int) -> np.ndarray:
-    """SentencePiece ids → output ids; pieces outside the vocabulary become unk."""
-    lookup = np.full(spm_size, UNK_ID, dtype=np.int32)
-    lookup[vocab] = np.arange(len(vocab), dtype=np.int32)
-    return lookup[spm_ids]
+@dataclass(frozen=True)
+class OutputVocabulary:
+    """The map between the output layer's ids and the target SentencePiece ids, in one place.
+
+    Output id i is SentencePiece id `pieces[i]`; without `pieces` (subword.restrict_target off)
+    the two are the same. Training maps its targets in, validation and translation map the
+    hypotheses out. Stored as `output_vocab` (the list, or null) in the spm manifest and in every
+    checkpoint."""
+
+    spm_size: int  # the target SentencePiece model's pieces
+    pieces: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, record: dict, source: Path | str) -> OutputVocabulary:
+        """From a manifest or checkpoint payload (its `vocab_size` and `output_vocab`)."""
+        vocab = cls(record["vocab_size"]["tgt"], _as_ids(record.get("output_vocab")))
+        expected = record["vocab_size"].get("output", vocab.size)
+        if vocab.size != expected or (vocab.pieces and max(vocab.pieces) >= vocab.spm_size):
+            raise NmtError(f"{source}: its output vocabulary does not match the model")
+        return vocab
+
+    @property
+    def size(self) -> int:
+        """Rows of the output layer."""
+        return len(self.pieces) if self.pieces is not None else self.spm_size
+
+    def to_output(self, spm_ids: np.ndarray) -> np.ndarray:
+        """SentencePiece ids → output ids; pieces outside the vocabulary become unk."""
+        if self.pieces is None:
+            return spm_ids
+        lookup = np.full(self.spm_size, UNK_ID, dtype=np.int32)
+        lookup[list(self.pieces)] = np.arange(len(self.pieces), dtype=np.int32)
+        return lookup[spm_ids]
+
+    def to_spm(self, output_ids: list[int]) -> list[int]:
+        """Output ids (a hypothesis) → SentencePiece ids."""
+        if self.pieces is None:
+            return list(output_ids)
+        return [self.pieces[i] for i in output_ids]
+
+    def record(self) -> list[int] | None:
+        return list(self.pieces) if self.pieces is not None else None
+
+
+def _as_ids(pieces) -> tuple[int, ...] | None:
+    return None if pieces is None else tuple(int(i) for i in pieces)
 
 
 def run_spm_stage(config: Config, exp_dir: Path) -> dict:

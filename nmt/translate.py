@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,8 +15,10 @@ from nmt.checkpoint import find_checkpoint, load_checkpoint, load_state
 from nmt.config import DecodeConfig, config_from_dict
 from nmt.device import resolve_device, resolve_precision
 from nmt.errors import NmtError
+from nmt.io import atomic_output
 from nmt.model import build_model
 from nmt.search import Hypothesis, search_corpus
+from nmt.subword import OutputVocabulary
 
 
 def processor_from_bytes(blob: bytes, path: Path) -> spm.SentencePieceProcessor:
@@ -29,10 +33,11 @@ def processor_from_bytes(blob: bytes, path: Path) -> spm.SentencePieceProcessor:
 class Translator:
     """Owns a model in eval mode and the SentencePiece models it was trained with.
 
-    `decode` replaces the checkpoint's decode settings (a recipe's, for `nmt evaluate`), and
-    `precision` their precision (`nmt translate --precision`)."""
+    `device` follows resolve_device (`auto`: a GPU if there is one). `decode` replaces the
+    checkpoint's decode settings (a recipe's, for `nmt evaluate`), and `precision` their precision
+    (`nmt translate --precision`)."""
 
-    def __init__(self, payload: dict, path: Path, device: str = "cpu", decode: DecodeConfig | None = None,
+    def __init__(self, payload: dict, path: Path, device: str = "auto", decode: DecodeConfig | None = None,
                  precision: str | None = None, log=None):
         self.path = path
         self.config = config_from_dict(payload["config"], source=str(path))
@@ -46,41 +51,34 @@ class Translator:
         vocab = payload["vocab_size"]
         if (self.src_spm.get_piece_size(), self.tgt_spm.get_piece_size()) != (vocab["src"], vocab["tgt"]):
             raise NmtError(f"{path}: SentencePiece models do not match the model's vocabulary")
-        # Output id i is SentencePiece id output_vocab[i] (see subword.output_vocabulary).
-        self.output_vocab = payload.get("output_vocab")
-        output_size = vocab.get("output", vocab["tgt"])
-        if self.output_vocab is not None and len(self.output_vocab) != output_size:
-            raise NmtError(f"{path}: its output vocabulary does not match the model")
-        self.model = build_model(self.config.model, vocab["src"], output_size)
+        self.vocab = OutputVocabulary.of(payload, path)
+        self.model = build_model(self.config.model, vocab["src"], self.vocab.size)
         load_state(self.model, payload["model"], path)
         self.model.to(self.device).eval()
 
     @classmethod
-    def from_path(cls, path: Path, device: str = "cpu", decode: DecodeConfig | None = None,
+    def from_path(cls, path: Path, device: str = "auto", decode: DecodeConfig | None = None,
                   precision: str | None = None, log=None) -> Translator:
         path = find_checkpoint(Path(path)) if Path(path).is_dir() else Path(path)
         return cls(load_checkpoint(path), path, device, decode, precision, log)
 
-    def search(self, lines: list[str], beam_size: int | None = None, batch_size: int | None = None,
-               nbest: int = 1) -> list[list[Hypothesis]]:
-        decode = self.decode
+    def search(self, lines: list[str], decode: DecodeConfig | None = None, nbest: int = 1) -> list[list[Hypothesis]]:
+        """The `nbest` best hypotheses of each line, with `decode` (default: self.decode)."""
+        decode = decode or self.decode
         src_seqs = self.src_spm.encode(lines)
         for i, seq in enumerate(src_seqs):
             if len(seq) > decode.max_src_len:
                 print(f"nmt: warning: input line of {len(seq)} subwords cut to {decode.max_src_len} "
                       "(decode.max_src_len)", file=sys.stderr)
                 src_seqs[i] = seq[: decode.max_src_len]
-        return search_corpus(
-            self.model, src_seqs, self.device, beam_size=beam_size or decode.beam_size,
-            batch_size=batch_size or decode.batch_size, max_len_a=decode.max_len_a,
-            max_len_b=decode.max_len_b, length_penalty=decode.length_penalty, alpha=decode.alpha,
-            nbest=nbest, precision=self.precision.name,
-        )
+        return search_corpus(self.model, src_seqs, decode, self.precision.name, nbest)
+
+    def translate(self, lines: list[str], decode: DecodeConfig | None = None) -> list[str]:
+        return [self.detokenize(h[0]) for h in self.search(lines, decode)]
 
     def target_ids(self, hyp: Hypothesis) -> list[int]:
         """The hypothesis as SentencePiece ids."""
-        vocab = self.output_vocab
-        return [vocab[t] for t in hyp.tokens] if vocab is not None else list(hyp.tokens)
+        return self.vocab.to_spm(hyp.tokens)
 
     def target_pieces(self, hyp: Hypothesis) -> list[str]:
         return [self.tgt_spm.id_to_piece(t) for t in self.target_ids(hyp)]
@@ -96,10 +94,6 @@ class Translator:
         tgt_pieces = self.target_pieces(hyp)
         merged = merge_attention(hyp.attention[:-1], src_pieces, tgt_pieces)
         return hard_alignment(merged, words_of(tgt_pieces))
-
-    def translate(self, lines: list[str], beam_size: int | None = None,
-                  batch_size: int | None = None) -> list[str]:
-        return [self.detokenize(h[0]) for h in self.search(lines, beam_size, batch_size)]
 
 
 def _read_chunks(stream, size: int, name: str):
@@ -123,31 +117,27 @@ def _read_chunks(stream, size: int, name: str):
 
 def translate_stream(model: Path, input_path: Path | None, output_path: Path | None,
                      beam_size: int | None, batch_size: int | None, nbest: int = 1,
-                     alignments: bool = False, device: str = "cpu", precision: str | None = None) -> None:
+                     alignments: bool = False, device: str = "auto", precision: str | None = None) -> None:
     """Translate line by line; output starts after the first chunk, in input order."""
     if beam_size is not None and beam_size < 1:
         raise NmtError(f"--beam must be at least 1, got {beam_size}")
     if batch_size is not None and batch_size < 1:
         raise NmtError(f"--batch-size must be at least 1, got {batch_size}")
     translator = Translator.from_path(model, device, precision=precision)
-    batch_size = batch_size or translator.decode.batch_size
-    if nbest < 1 or nbest > (beam_size or translator.decode.beam_size):
+    decode = dataclasses.replace(translator.decode, beam_size=beam_size or translator.decode.beam_size,
+                                 batch_size=batch_size or translator.decode.batch_size)
+    if nbest < 1 or nbest > decode.beam_size:
         raise NmtError(f"--nbest must be between 1 and the beam size, got {nbest}")
-    chunk_size = batch_size * 8  # enough to sort by length, small enough to stream
+    chunk_size = decode.batch_size * 8  # enough to sort by length, small enough to stream
     source = open(input_path, "rb") if input_path else sys.stdin.buffer
     name = str(input_path) if input_path else "<stdin>"
-    if output_path:
-        from nmt.io import atomic_output
-        sink_context = atomic_output(output_path)
-    else:
-        import contextlib
-        sink_context = contextlib.nullcontext(sys.stdout)
+    sink_context = atomic_output(output_path) if output_path else contextlib.nullcontext(sys.stdout)
     # A progress bar only when stdout is free for it, i.e. when writing to a file.
     total = _count_lines(input_path) if input_path and output_path else None
     progress = tqdm(total=total, unit="sent", disable=output_path is None, file=sys.stderr)
     with source, sink_context as sink, progress:
         for lines in _read_chunks(source, chunk_size, name):
-            for line, hyps in zip(lines, translator.search(lines, beam_size, batch_size, nbest=nbest)):
+            for line, hyps in zip(lines, translator.search(lines, decode, nbest)):
                 sink.write(_format(translator, line, hyps, nbest, alignments) + "\n")
             sink.flush()
             progress.update(len(lines))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,42 +50,46 @@ TINY_OVERRIDES = [
 ]
 
 
-@pytest.fixture
-def tiny_exp(mirror, tmp_path, monkeypatch):
-    """A real experiment on the mirror slice, through the data and spm stages (not trained)."""
+@pytest.fixture(scope="session")
+def prepared_exp(mirror, tmp_path_factory) -> Path:
+    """The tiny recipe through the data and spm stages, once per session: tests take a copy."""
     from nmt.config import load_recipe
     from nmt.corpus import run_data_stage
     from nmt.subword import run_spm_stage
 
+    exp = tmp_path_factory.mktemp("prepared") / "exp"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("NMT_DATA_MIRROR", str(mirror))
+        config = load_recipe("de-en", TINY_OVERRIDES)
+        run_data_stage(config, exp)
+        run_spm_stage(config, exp)
+    return exp
+
+
+@pytest.fixture
+def tiny_exp(prepared_exp, mirror, tmp_path, monkeypatch):
+    """A real experiment on the mirror slice, through the data and spm stages (not trained): the
+    test's own copy, so that it may train in it or damage its files."""
+    from nmt.config import load_recipe
+
     monkeypatch.setenv("NMT_DATA_MIRROR", str(mirror))
-    config = load_recipe("de-en", TINY_OVERRIDES)
     exp = tmp_path / "exp"
-    run_data_stage(config, exp)
-    run_spm_stage(config, exp)
-    return config, exp
+    shutil.copytree(prepared_exp, exp)
+    return load_recipe("de-en", TINY_OVERRIDES), exp
 
 
 @pytest.fixture(scope="session")
-def trained_exp(mirror, tmp_path_factory):
+def trained_exp(prepared_exp, mirror, tmp_path_factory):
     """A tiny model really trained (a few steps) on the mirror slice: for translate/evaluate."""
     from nmt.config import load_recipe
-    from nmt.corpus import run_data_stage
-    from nmt.subword import run_spm_stage
     from nmt.train import train
 
-    previous = os.environ.get("NMT_DATA_MIRROR")
-    os.environ["NMT_DATA_MIRROR"] = str(mirror)
-    try:
+    exp = tmp_path_factory.mktemp("trained") / "exp"
+    shutil.copytree(prepared_exp, exp)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("NMT_DATA_MIRROR", str(mirror))
         # Enough updates (and a high learning rate) for the tiny model to say more than EOS.
         config = load_recipe("de-en", [*TINY_OVERRIDES, "train.max_steps=100", "train.lr=0.01",
                                        "train.valid_every=50"])
-        exp = tmp_path_factory.mktemp("trained") / "exp"
-        run_data_stage(config, exp)
-        run_spm_stage(config, exp)
         train(config, exp)
-    finally:
-        if previous is None:
-            os.environ.pop("NMT_DATA_MIRROR")
-        else:
-            os.environ["NMT_DATA_MIRROR"] = previous
     return config, exp

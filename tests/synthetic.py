@@ -6,11 +6,11 @@ import numpy as np
 import torch
 
 from nmt.batches import Batch, pad
-from nmt.config import ModelConfig
+from nmt.config import DecodeConfig, ModelConfig
 from nmt.model import build_model
 from nmt.search import search_corpus
 from nmt.subword import BOS_ID, EOS_ID
-from nmt.train import batch_loss
+from nmt.train import train_step
 
 DIGITS = 10  # tokens 4..13
 VOCAB = 4 + DIGITS
@@ -26,6 +26,11 @@ def make_batch(sources: list[list[int]], targets: list[list[int]]) -> Batch:
     tgt_in, _ = pad(targets, prefix=BOS_ID)
     tgt_out, _ = pad(targets, suffix=EOS_ID)
     return Batch(src_ids, src_lens, tgt_in, tgt_out, np.arange(len(sources)))
+
+
+def loss_of(model, batch: Batch) -> torch.Tensor:
+    """The model's training loss on a batch (mean per real target token)."""
+    return model(batch.src_ids, batch.src_lens, batch.tgt_in, batch.tgt_out)
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -49,18 +54,14 @@ def train_reversal(cfg: ModelConfig, steps: int, seed: int = 0, min_len: int = 5
     for _ in range(steps):
         sources = random_strings(rng, batch_size, min_len, max_len)
         targets = [s[::-1] if task == "reverse" else list(s) for s in sources]
-        loss, _ = batch_loss(model, make_batch(sources, targets))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
+        train_step(model, optimizer, make_batch(sources, targets), clip_norm=clip)
         schedule.step()
     model.eval()
     return model
 
 
 def exact_match(model, sources: list[list[int]], task: str = "reverse", beam_size: int = 1) -> np.ndarray:
-    hyps = search_corpus(model, sources, torch.device("cpu"), beam_size=beam_size, batch_size=100,
-                         max_len_a=1.0, max_len_b=5)
+    decode = DecodeConfig(beam_size=beam_size, batch_size=100, max_len_a=1.0, max_len_b=5)
+    hyps = search_corpus(model, sources, decode)
     expected = [s[::-1] if task == "reverse" else list(s) for s in sources]
     return np.array([h[0].tokens == e for h, e in zip(hyps, expected)])

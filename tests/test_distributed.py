@@ -14,7 +14,7 @@ import torch
 
 from nmt.batches import collate, token_batches
 from nmt.checkpoint import load_checkpoint
-from nmt.train import Trainer, batch_loss
+from nmt.train import Trainer
 
 from .conftest import ROOT, TINY_OVERRIDES
 
@@ -33,17 +33,21 @@ def reference_parameters(config, exp, world=2):
     """One process, one update per group of `world` batches, gradients averaged as DDP does."""
     t = config.train
     trainer = Trainer(config, exp)  # the same model, optimizer and data, as one process
-    model, optimizer, split = trainer.model, trainer.optimizer, trainer.train_split
+    model, optimizer, split = trainer.model, trainer.optimizer, trainer.data.train
     batches = token_batches(split, t.batch_tokens, t.seed, 0, t.max_len)
     model.train()
     for step in range(STEPS):
-        losses = [batch_loss(model, collate(split, batches[world * step + r]), t.label_smoothing)[0]
+        losses = [model(*_tensors(collate(split, batches[world * step + r])), t.label_smoothing)
                   for r in range(world)]
         optimizer.zero_grad()
         (sum(losses) / world).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
         optimizer.step()
     return model.state_dict()
+
+
+def _tensors(batch):
+    return batch.src_ids, batch.src_lens, batch.tgt_in, batch.tgt_out
 
 
 def test_two_processes_equal_one_process_on_the_same_global_batches(tiny_exp):

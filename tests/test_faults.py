@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import errno
 import json
 import os
@@ -9,53 +11,146 @@ import signal
 import subprocess
 import sys
 import time
+import typing
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from nmt.checkpoint import load_checkpoint, save_checkpoint
-from nmt.config import Config, load_recipe
+from nmt.config import Config, load_recipe, resolve_recipe_path, save_config
 from nmt.corpus import run_data_stage
 from nmt.errors import ConfigError, NmtError
+from nmt.io import exclusive_lock
 from nmt.subword import run_spm_stage
-from nmt.train import exclusive_lock, train
+from nmt.train import train
 
 from .conftest import ROOT, TINY_OVERRIDES, write_gz
 
 # -- recipes: any YAML gives a valid config or one ConfigError --------------------------------
+# A config that loads must survive the trip through model/config.yaml (save_config, load_recipe)
+# unchanged; an error must name the file, and the key of the section that is wrong.
 
 KEYS = ["data", "model", "train", "decode", "subword", "extends", "name", "src_lang", "tgt_lang",
         "train", "valid", "test", "corpus", "split", "hidden_size", "attention", "cell", "betas",
         "clean", "max_tokens", "lr", "beam_size", "bad_lines", "x"]
+WORDS = ["bahdanau", "luong-dot", "luong-general", "none", "gru", "lstm", "rnn", "unigram", "bpe",
+         "plateau", "warmup", "constant", "gnmt", "avg", "auto", "fp32", "bf16", "cpu", "skip", "en", "de"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
-                    st.text(max_size=8), st.sampled_from(["bahdanau", "gru", "en", "de", "none"]))
+                    st.text(max_size=8), st.sampled_from(WORDS))
 values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)), max_leaves=12)
 
+VALID = {"data": {"src_lang": "en", "tgt_lang": "de", "train": [{"corpus": "c", "split": "train"}],
+                  "valid": {"corpus": "c", "split": "val"},
+                  "test": {"test": {"corpus": "c", "split": "test"}}}}
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(document=st.one_of(st.dictionaries(st.sampled_from(KEYS), values, max_size=6), values,
-                          st.text(max_size=40)))
+
+def key_paths(cls, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(cls)
+    paths = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            paths += key_paths(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            paths.append(prefix + f.name)
+    return paths
+
+
+# Every key of a recipe, some misspelt, some one level too deep.
+PATHS = key_paths(Config) + ["model.hiden_size", "trian.lr", "x", "data.clean.x", "model.cell.x"]
+split_sources = st.dictionaries(st.sampled_from(["corpus", "split", "hub", "src_file", "tgt_file", "x"]),
+                                st.one_of(st.text(min_size=1, max_size=6), st.none(), st.integers()),
+                                max_size=4)
+edit_values = st.one_of(scalars, values, st.integers(-2, 600), st.floats(-1.0, 2.0),
+                        st.lists(st.floats(-0.5, 1.5), max_size=3), st.lists(split_sources, max_size=2),
+                        st.dictionaries(st.sampled_from(["test", "t2", "train", "a/b"]), split_sources,
+                                        max_size=2))
+
+
+def set_key(document: dict, path: str, value) -> None:
+    *sections, key = path.split(".")
+    node = document
+    for name in sections:
+        if not isinstance(node.get(name), dict):
+            node[name] = {}
+        node = node[name]
+    node[key] = value
+
+
+@st.composite
+def edited_recipes(draw) -> tuple[dict, list[str]]:
+    """A valid recipe with a few keys set to anything: it loads often, and fails in many ways."""
+    document = copy.deepcopy(VALID)
+    paths = draw(st.lists(st.sampled_from(PATHS), max_size=3, unique=True))
+    for path in paths:
+        set_key(document, path, draw(edit_values))
+    return document, paths
+
+
+def assert_round_trips(config: Config, tmp_path) -> None:
+    saved = tmp_path / "model" / "config.yaml"  # not next to the fuzzed recipe, which may extend
+    saved.parent.mkdir(exist_ok=True)
+    save_config(config, saved)
+    assert load_recipe(str(saved)) == config
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(document=({**VALID, "name": "two\nlines"}, ["name"]))  # a name in save_config's header
+@given(document=st.one_of(edited_recipes(), st.dictionaries(st.sampled_from(KEYS), values, max_size=6),
+                          values, st.text(max_size=40)))
 def test_any_yaml_gives_a_config_or_a_config_error(tmp_path, document):
     path = tmp_path / "fuzz.yaml"
+    edited = None
+    if isinstance(document, tuple):
+        document, edited = document
     text = document if isinstance(document, str) else yaml.safe_dump(document)
     path.write_text(text, encoding="utf-8")
     try:
-        assert isinstance(load_recipe(str(path)), Config)
+        config = load_recipe(str(path))
     except ConfigError as err:
-        assert str(path) in str(err) or "recipe" in str(err)
-
-
-@settings(max_examples=60, deadline=None)
-@given(assignment=st.text(max_size=30))
-def test_any_override_gives_a_config_or_a_config_error(assignment):
+        message = str(err)
+    else:
+        assert_round_trips(config, tmp_path)
+        return
     try:
-        load_recipe("en-de", [assignment])
-    except ConfigError:
-        pass
+        extends = yaml.safe_load(text).get("extends")
+    except (yaml.YAMLError, AttributeError):
+        extends = None
+    if isinstance(extends, str) and not message.startswith(f"{path}:"):
+        # the recipe named by `extends` is not there
+        assert message.startswith((f"{extends}: recipe file not found", f"unknown recipe '{extends}'"))
+        return
+    assert message.startswith(f"{path}:")
+    if edited is not None:  # the error names a key in a section that was edited
+        named = message.removeprefix(f"{path}: ")
+        assert any(named.startswith(p.split(".")[0]) for p in edited), (message, edited)
+
+
+assignments = st.builds("{}={}".format, st.sampled_from(PATHS),
+                        st.one_of(st.text(max_size=8), st.sampled_from([*WORDS, "null", "[0.8, 0.9]", "{}"]),
+                                  st.integers(-2, 600).map(str), st.floats(-1.0, 2.0).map(str)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(assignment=st.one_of(assignments, st.text(max_size=30)))
+def test_any_override_gives_a_config_or_a_config_error(tmp_path, assignment):
+    try:
+        config = load_recipe("en-de", [assignment])
+    except ConfigError as err:
+        message = str(err)
+    else:
+        assert_round_trips(config, tmp_path)
+        return
+    if "=" not in assignment:
+        assert message == f"--set: '{assignment}' is not of the form key.path=value"
+        return
+    section = assignment.split("=", 1)[0].strip().split(".")[0]
+    recipe = resolve_recipe_path("en-de")
+    assert message.startswith((f"--set: {section}", f"{recipe}: {section}")), message
 
 
 # -- corpora ----------------------------------------------------------------------------------
@@ -145,20 +240,36 @@ def nmt_train(exp, *extra):
     return args
 
 
-def test_kill_9_loses_only_work_since_the_last_checkpoint(tiny_exp):
+def wait_for(condition, process: subprocess.Popen, what: str, stderr: Path, timeout: float = 600.0) -> None:
+    """Poll until `condition()`; fail if the process ends first or nothing happens for `timeout`
+    seconds (a safety net against a hang, far above what any machine needs)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the process exited with status {process.returncode} before {what}: "
+                        + stderr.read_text(errors="replace")[-1000:])
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout:.0f} seconds")
+        time.sleep(0.02)
+
+
+def test_kill_9_loses_only_work_since_the_last_checkpoint(tiny_exp, tmp_path):
     _, exp = tiny_exp
-    process = subprocess.Popen(nmt_train(exp, "train.max_steps=100000", "train.checkpoint_every=1",
-                                         "train.valid_every=1000"),
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stderr = tmp_path / "train.stderr"
+    with open(stderr, "wb") as err:
+        process = subprocess.Popen(nmt_train(exp, "train.max_steps=100000", "train.checkpoint_every=1",
+                                             "train.valid_every=1000"),
+                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
     last = exp / "model" / "last.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline and not last.exists():
-        time.sleep(0.01)
-    time.sleep(1.0)  # let it write a few more checkpoints; the kill may land inside a write
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    try:
+        # a few checkpoints written, one each update: the kill may land inside a write
+        wait_for(lambda: last.is_file() and load_checkpoint(last)["progress"]["step"] >= 3, process,
+                 f"a checkpoint at step 3 in {last}", stderr)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
     step = load_checkpoint(last)["progress"]["step"]  # the previous checkpoint stays readable
-    assert step >= 1
+    assert step >= 3
     # The stale lock of the killed process is detected, and training resumes.
     assert (exp / "model" / "train.lock").exists()
     resumed = subprocess.run(nmt_train(exp, f"train.max_steps={step + 3}"), cwd=ROOT,
@@ -213,4 +324,6 @@ def test_nan_loss_skips_updates_then_stops_keeping_the_last_good_checkpoint(tiny
     kept = load_checkpoint(exp / "model" / "last.pt")
     assert kept["progress"]["step"] <= good["progress"]["step"] + 1
     assert not (exp / "model" / "summary.json").exists()
-    json.dumps(kept["progress"])
+    # What was kept is good: finite parameters, and progress without a NaN (JSON refuses one).
+    assert all(torch.isfinite(w).all() for w in kept["model"].values() if w.is_floating_point())
+    assert json.loads(json.dumps(kept["progress"], allow_nan=False)) == kept["progress"]

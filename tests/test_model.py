@@ -6,10 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from nmt.model import build_model
-from nmt.train import batch_loss
+from nmt.attention import AdditiveAttention, FixedContext, build_attention
+from nmt.config import DecodeConfig, ModelConfig
+from nmt.device import autocast
+from nmt.model import Decoder, Encoder, Memory, build_model
+from nmt.search import search_corpus
+from nmt.train import train_step
 
-from .synthetic import VOCAB, exact_match, make_batch, random_strings, small_config, train_reversal
+from .synthetic import (
+    VOCAB,
+    exact_match,
+    loss_of,
+    make_batch,
+    random_strings,
+    small_config,
+    train_reversal,
+)
 
 ATTENTIONS = ["bahdanau", "luong-dot", "luong-general", "none"]
 
@@ -38,12 +50,9 @@ def test_every_cell_and_attention_trains(cell, attention):
     losses = []
     for _ in range(40):
         sources = random_strings(rng, 32, 3, 6)
-        loss, _ = batch_loss(model, make_batch(sources, sources))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        step = train_step(model, optimizer, make_batch(sources, sources))
+        assert step.updated, f"gradient norm {float(step.grad_norm)}"
+        losses.append(float(step.loss))
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
 
 
@@ -54,9 +63,11 @@ def test_deep_tied_unidirectional_variant_trains():
     model = build_model(cfg, VOCAB, VOCAB)
     assert model.decoder.output.weight is model.decoder.embed.weight
     sources = random_strings(np.random.default_rng(1), 16, 3, 6)
-    loss, tokens = batch_loss(model, make_batch(sources, sources))
+    batch = make_batch(sources, sources)
+    loss = loss_of(model, batch)
     loss.backward()
-    assert tokens == sum(len(s) + 1 for s in sources) and torch.isfinite(loss)
+    assert batch.num_tgt_tokens == sum(len(s) + 1 for s in sources) and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
@@ -74,8 +85,8 @@ def test_padding_never_changes_a_result(attention, cell):
         batch = make_batch(sources, targets)
         memory_alone, _ = model.encode(alone.src_ids, alone.src_lens)
         memory_batch, _ = model.encode(batch.src_ids, batch.src_lens)
-        out_alone, attn_alone = model(alone.src_ids, alone.src_lens, alone.tgt_in)
-        out_batch, attn_batch = model(batch.src_ids, batch.src_lens, batch.tgt_in)
+        out_alone, attn_alone = model.teacher_forced(alone.src_ids, alone.src_lens, alone.tgt_in)
+        out_batch, attn_batch = model.teacher_forced(batch.src_ids, batch.src_lens, batch.tgt_in)
     n_src, n_tgt = 7, len(targets[1]) + 1
     torch.testing.assert_close(memory_batch.values[1, :n_src], memory_alone.values[0])
     torch.testing.assert_close(out_batch[1, :n_tgt], out_alone[0])
@@ -87,17 +98,7 @@ def test_padding_never_changes_a_result(attention, cell):
         assert attn_batch is None
 
 
-def test_parameter_count_matches_the_modules():
-    model = build_model(small_config(), VOCAB, VOCAB)
-    encoder = sum(p.numel() for p in model.encoder.parameters())
-    decoder = sum(p.numel() for p in model.decoder.parameters())
-    assert model.num_parameters() == encoder + decoder > 0
-
-
 def test_bf16_autocast_trains_and_keeps_state_and_attention_in_fp32():
-    from nmt.model import autocast
-    from nmt.search import search_corpus
-
     torch.manual_seed(0)
     model = build_model(small_config(), VOCAB, VOCAB)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -105,13 +106,9 @@ def test_bf16_autocast_trains_and_keeps_state_and_attention_in_fp32():
     losses = []
     for _ in range(40):
         sources = random_strings(rng, 32, 3, 6)
-        with autocast("cpu", "bf16"):
-            loss, _ = batch_loss(model, make_batch(sources, sources))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    assert loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+        step = train_step(model, optimizer, make_batch(sources, sources), precision="bf16")
+        losses.append(float(step.loss))
+    assert step.loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
     model.eval()
     with torch.no_grad(), autocast("cpu", "bf16"):
@@ -119,7 +116,7 @@ def test_bf16_autocast_trains_and_keeps_state_and_attention_in_fp32():
         memory, state = model.encode(batch.src_ids, batch.src_lens)
         _, state, weights = model.decode_step(batch.tgt_in[:, 0], state, memory)
     assert state.hidden.dtype == torch.float32 and weights.dtype == torch.float32
-    hyp = search_corpus(model, sources[:4], "cpu", beam_size=3, precision="bf16")[0][0]
+    hyp = search_corpus(model, sources[:4], DecodeConfig(beam_size=3), precision="bf16")[0][0]
     torch.testing.assert_close(hyp.attention.sum(-1), torch.ones(hyp.attention.size(0)))
 
 
@@ -130,9 +127,6 @@ def test_encoder_equals_torchs_packed_rnn(cell, layers, bidirectional):
     reversed within their lengths); torch's own RNN over the packed batch must agree on every
     real position and on the summary, outputs and gradients."""
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-    from nmt.config import ModelConfig
-    from nmt.model import Encoder
 
     torch.manual_seed(0)
     cfg = ModelConfig(cell=cell, embed_size=8, hidden_size=6, enc_layers=layers,
@@ -158,31 +152,33 @@ def test_encoder_equals_torchs_packed_rnn(cell, layers, bidirectional):
 
 
 def test_additive_attention_is_bahdanaus_formula():
-    """a_ij = softmax_j(v^T tanh(W s_i + b + U h_j)) over the real positions, computed by hand."""
-    from nmt.attention import AdditiveAttention
-
+    """a_ij = softmax_j(v^T tanh(W s_i + b + U h_j)) over the real positions and c_i = sum_j a_ij
+    h_j, computed by hand."""
     torch.manual_seed(0)
     attention = AdditiveAttention(query_size=8, enc_size=6, attention_size=5).double()
     query, states = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    weights = attention(query, attention.project_keys(states), mask)
-    U, W, b, v = (attention.key_proj.weight, attention.query_proj.weight, attention.query_proj.bias,
-                  attention.energy.weight[0])
+    with torch.no_grad():
+        context, weights = attention(query, _memory(attention, states, mask))
+    U, W, b, v = (p.detach() for p in (attention.key_proj.weight, attention.query_proj.weight,
+                                       attention.query_proj.bias, attention.energy.weight[0]))
     for i in range(3):
         energies = [float(v @ torch.tanh(W @ query[i] + b + U @ states[i, j])) for j in range(4)]
         real = [e for e, m in zip(energies, mask[i]) if m]
         expected = torch.softmax(torch.tensor(real, dtype=torch.float64), dim=0)
         assert torch.allclose(weights[i, : len(real)], expected, atol=1e-12)
         assert float(weights[i, len(real):].abs().sum()) == 0.0
+        assert torch.allclose(context[i], expected @ states[i, : len(real)], atol=1e-12)
+
+
+def _memory(attention, states, mask):
+    return Memory(attention.project_keys(states), states, mask, summary=states[:, 0])
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
 def test_decoder_recurrence_equals_torchs_rnn(cell):
     """The decoder's hand-written step (Decoder._recur_layer, over layers as in Decoder.recur)
     computes what torch's own GRU/LSTM/RNN computes with the same parameters."""
-    from nmt.config import ModelConfig
-    from nmt.model import Decoder
-
     torch.manual_seed(0)
     cfg = ModelConfig(cell=cell, embed_size=8, decoder_size=6, dec_layers=3, attention="none", dropout=0.0)
     decoder = Decoder(10, cfg, enc_size=4).double()
@@ -208,17 +204,31 @@ def test_decoder_recurrence_equals_torchs_rnn(cell):
 
 @pytest.mark.parametrize("kind", ["luong-dot", "luong-general"])
 def test_luong_attention_is_the_formula(kind):
-    """a_ij = softmax_j(s_i^T h_j) (dot) or softmax_j(s_i^T W_a h_j) (general), real positions only."""
-    from nmt.attention import build_attention
-
+    """a_ij = softmax_j(s_i^T h_j) (dot) or softmax_j(s_i^T W_a h_j) (general), real positions only,
+    and c_i = sum_j a_ij h_j."""
     torch.manual_seed(0)
     attention = build_attention(kind, query_size=6, enc_size=6, attention_size=0).double()
     query, states = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
-    weights = attention(query, attention.project_keys(states), mask)
-    W = attention.key_proj.weight if kind == "luong-general" else torch.eye(6, dtype=torch.float64)
+    with torch.no_grad():
+        context, weights = attention(query, _memory(attention, states, mask))
+    W = attention.key_proj.weight.detach() if kind == "luong-general" else torch.eye(6, dtype=torch.float64)
     for i in range(3):
         real = int(mask[i].sum())
         scores = torch.tensor([float(query[i] @ (W @ states[i, j])) for j in range(real)], dtype=torch.float64)
         assert torch.allclose(weights[i, :real], torch.softmax(scores, dim=0), atol=1e-12)
         assert float(weights[i, real:].abs().sum()) == 0.0
+        assert torch.allclose(context[i], torch.softmax(scores, dim=0) @ states[i, :real], atol=1e-12)
+    assert attention.before_rnn is False  # Luong attends from the new state s_i
+
+
+def test_fixed_context_is_the_encoder_summary_at_every_step():
+    """No attention (Cho et al. 2014): c_i = [h_fwd_last ; h_bwd_first] whatever the query, before
+    the RNN step, and no weights."""
+    attention = build_attention("none", query_size=6, enc_size=4, attention_size=0)
+    assert isinstance(attention, FixedContext) and attention.before_rnn
+    states, mask = torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    memory = Memory(attention.project_keys(states), states, mask, summary=torch.randn(2, 4))
+    for query in (torch.zeros(2, 6), torch.randn(2, 6)):
+        context, weights = attention(query, memory)
+        assert weights is None and torch.equal(context, memory.summary)

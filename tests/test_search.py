@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from nmt.model import build_model
+from nmt.batches import pad
+from nmt.config import DecodeConfig
+from nmt.model import DecoderState, Memory, bos_column, build_model
 from nmt.search import beam_search, greedy_search, normalise, search_corpus
 from nmt.subword import BOS_ID, EOS_ID
 
@@ -39,14 +41,12 @@ class ScriptedDecoder(torch.nn.Module):
     }
 
     def encode(self, src_ids, src_lens):
-        from nmt.model import DecoderState, Memory
         batch = src_ids.size(0)
         mask = torch.ones_like(src_ids, dtype=torch.bool)
         memory = Memory(None, torch.zeros(batch, src_ids.size(1), 1), mask, torch.zeros(batch, 1))
         return memory, DecoderState(torch.zeros(1, batch, 1), None, None)
 
     def decode_step(self, prev_ids, state, memory):
-        from nmt.model import DecoderState
         prefixes = [self._prefix(int(code)) for code in state.hidden[0, :, 0]]
         logits = torch.full((len(prefixes), 6), -1e9)
         new_codes = []
@@ -75,11 +75,11 @@ def test_scripted_decoder_worked_by_hand():
     model = ScriptedDecoder()
     src, lens = torch.ones(1, 3, dtype=torch.long), torch.tensor([3])
     # Greedy takes A (0.6), then A or B (0.45; the first wins ties), then EOS: p = 0.27.
-    greedy = greedy_search(model, src, lens, 0, 5)[0]
+    greedy = greedy_search(model, src, lens, DecodeConfig(max_len_a=0, max_len_b=5))[0]
     assert greedy.tokens == [A, A] and math.isclose(greedy.log_prob, math.log(0.6 * 0.45), rel_tol=1e-6)
     # Beam 2 keeps B (0.4) and finds B EOS: p = 0.36, better than anything through A.
-    hyps = beam_search(model, src, lens, beam_size=2, max_len_a=0, max_len_b=5,
-                       length_penalty="none", nbest=2)[0]
+    hyps = beam_search(model, src, lens, DecodeConfig(beam_size=2, max_len_a=0, max_len_b=5, length_penalty="none"),
+                       nbest=2)[0]
     assert [h.tokens for h in hyps] == [[B], [A, A]] or [h.tokens for h in hyps] == [[B], [A, B]]
     assert math.isclose(hyps[0].log_prob, math.log(0.36), rel_tol=1e-6)
     assert math.isclose(hyps[1].log_prob, math.log(0.6 * 0.45), rel_tol=1e-6)
@@ -87,9 +87,9 @@ def test_scripted_decoder_worked_by_hand():
 
 def test_beam_one_equals_greedy(half_trained):
     sources = random_strings(np.random.default_rng(5), 40, 5, 20)
-    greedy = search_corpus(half_trained, sources, "cpu", beam_size=1, length_penalty="none")
-    src_ids, src_lens = _pad(sources)
-    beam = beam_search(half_trained, src_ids, src_lens, beam_size=1, length_penalty="none")
+    greedy = search_corpus(half_trained, sources, DecodeConfig(beam_size=1, length_penalty="none"))
+    src_ids, src_lens = pad(sources)
+    beam = beam_search(half_trained, src_ids, src_lens, DecodeConfig(beam_size=1, length_penalty="none"))
     for g, b in zip(greedy, beam):
         assert g[0].tokens == b[0].tokens
         assert math.isclose(g[0].log_prob, b[0].log_prob, rel_tol=1e-5, abs_tol=1e-5)
@@ -98,8 +98,8 @@ def test_beam_one_equals_greedy(half_trained):
 @pytest.mark.parametrize("penalty", ["gnmt", "avg", "none"])
 def test_beam_never_scores_below_greedy(half_trained, penalty):
     sources = random_strings(np.random.default_rng(6), 60, 5, 20)
-    greedy = search_corpus(half_trained, sources, "cpu", beam_size=1, length_penalty=penalty, alpha=0.6)
-    beam = search_corpus(half_trained, sources, "cpu", beam_size=5, length_penalty=penalty, alpha=0.6)
+    greedy = search_corpus(half_trained, sources, DecodeConfig(beam_size=1, length_penalty=penalty, alpha=0.6))
+    beam = search_corpus(half_trained, sources, DecodeConfig(beam_size=5, length_penalty=penalty, alpha=0.6))
     # Not a theorem: a sentence is done after beam_size finished hypotheses, so a long greedy path
     # that scores well once normalised can be missed. Over a corpus beam must still win.
     better = [b[0].score >= g[0].score - 1e-5 for g, b in zip(greedy, beam)]
@@ -107,13 +107,7 @@ def test_beam_never_scores_below_greedy(half_trained, penalty):
     assert np.mean([b[0].score for b in beam]) > np.mean([g[0].score for g in greedy])
 
 
-def _pad(sources):
-    from nmt.batches import pad
-    return pad(sources)
-
-
 def sequence_log_prob(model, src_ids, src_lens, tokens):
-    from nmt.model import bos_column
     memory, state = model.encode(src_ids, src_lens)
     prev, total = bos_column(1, "cpu"), 0.0
     for token in tokens:
@@ -140,17 +134,18 @@ def test_wide_beam_finds_the_exhaustive_optimum(penalty):
             for body in itertools.product(range(vocab), repeat=length):
                 log_prob = sequence_log_prob(model, src_ids, src_lens, list(body) + [EOS_ID])
                 best = max(best, normalise(log_prob, length + 1, penalty, 0.6))
-    hyp = beam_search(model, src_ids, src_lens, beam_size=vocab ** (max_len - 1), max_len_a=0,
-                      max_len_b=max_len, length_penalty=penalty, alpha=0.6)[0][0]
+    decode = DecodeConfig(beam_size=vocab ** (max_len - 1), max_len_a=0, max_len_b=max_len,
+                          length_penalty=penalty, alpha=0.6)
+    hyp = beam_search(model, src_ids, src_lens, decode)[0][0]
     assert math.isclose(hyp.score, best, rel_tol=1e-5, abs_tol=1e-5)
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_results_do_not_depend_on_the_batch(half_trained, beam_size):
     sources = random_strings(np.random.default_rng(7), 24, 3, 20)
-    together = search_corpus(half_trained, sources, "cpu", beam_size=beam_size, batch_size=24)
+    together = search_corpus(half_trained, sources, DecodeConfig(beam_size=beam_size, batch_size=24))
     for source, batched in zip(sources, together):
-        alone = search_corpus(half_trained, [source], "cpu", beam_size=beam_size, batch_size=1)[0]
+        alone = search_corpus(half_trained, [source], DecodeConfig(beam_size=beam_size, batch_size=1))[0]
         assert alone[0].tokens == batched[0].tokens
         assert math.isclose(alone[0].score, batched[0].score, rel_tol=1e-4, abs_tol=1e-4)
         torch.testing.assert_close(alone[0].attention, batched[0].attention, rtol=1e-4, atol=1e-5)
@@ -158,6 +153,6 @@ def test_results_do_not_depend_on_the_batch(half_trained, beam_size):
 
 def test_attention_is_returned_per_hypothesis(half_trained):
     source = random_strings(np.random.default_rng(8), 1, 9, 9)
-    hyp = search_corpus(half_trained, source, "cpu", beam_size=3)[0][0]
+    hyp = search_corpus(half_trained, source, DecodeConfig(beam_size=3))[0][0]
     assert hyp.attention.shape == (len(hyp.tokens) + 1, 9)
     torch.testing.assert_close(hyp.attention.sum(-1), torch.ones(len(hyp.tokens) + 1))

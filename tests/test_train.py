@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from nmt.checkpoint import FORMAT_VERSION, load_checkpoint, load_state, save_checkpoint
 from nmt.config import load_recipe
@@ -26,16 +27,22 @@ def model_state(path):
     return load_checkpoint(path)["model"]
 
 
-def interrupt_when(path, deadline=60.0):
-    """SIGINT this process as soon as `path` exists, as Ctrl-C would."""
-    def watch():
-        end = time.time() + deadline
-        while time.time() < end and not path.exists():
-            time.sleep(0.001)
-        os.kill(os.getpid(), signal.SIGINT)
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+@contextlib.contextmanager
+def after_update(n: int, action):
+    """Call `action()` right after the n-th optimizer step (of any optimizer) in the block."""
+    count = 0
+
+    def hook(optimizer, args, kwargs):
+        nonlocal count
+        count += 1
+        if count == n:
+            action()
+
+    handle = register_optimizer_step_post_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def test_interrupted_and_resumed_equals_straight(tiny_exp, tmp_path):
@@ -47,16 +54,16 @@ def test_interrupted_and_resumed_equals_straight(tiny_exp, tmp_path):
     summary = train(config, exp)
     assert summary["steps"] == 30
 
-    previous = signal.signal(signal.SIGINT, lambda *_: None)  # a late signal must not hit pytest
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # should train miss it, not pytest
     try:
-        watcher = interrupt_when(resumed_exp / "model" / "last.pt")
-        with pytest.raises(NmtError, match="interrupted at step"):
-            train(config, resumed_exp)
-        watcher.join()
+        # Ctrl-C during the 5th update, between checkpoints (every 4) and validations (every 6):
+        # the update finishes, last.pt is written, training stops.
+        with after_update(5, lambda: signal.raise_signal(signal.SIGINT)):
+            with pytest.raises(NmtError, match="interrupted at step 5"):
+                train(config, resumed_exp)
     finally:
         signal.signal(signal.SIGINT, previous)
-    stopped_at = load_checkpoint(resumed_exp / "model" / "last.pt")["progress"]["step"]
-    assert 0 < stopped_at < 30
+    assert load_checkpoint(resumed_exp / "model" / "last.pt")["progress"]["step"] == 5
     assert not (resumed_exp / "model" / "summary.json").exists()
 
     train(config, resumed_exp)  # resumes
@@ -131,15 +138,25 @@ def test_recipe_end_to_end_through_make(mirror, tmp_path):
     assert second.returncode == 0 and "/nmt " not in second.stdout
 
 
-def test_time_budget_stops_cleanly(tiny_exp):
+def test_time_budget_stops_cleanly(tiny_exp, monkeypatch):
+    """The update that runs out train.max_minutes is the last; the run ends as a finished one and
+    stays stopped when resumed. An hour passes on the clock during the first update, so no real
+    time budget (and no machine's speed) is involved."""
     config, exp = tiny_exp
-    config.train.max_steps = 0
-    config.train.max_minutes = 0.05  # 3 seconds
+    config.train.max_steps = 50  # a safety net: the budget must stop training long before
+    config.train.max_minutes = 30
     config.train.max_epochs = 1000
     config.train.patience = 0
-    summary = train(config, exp)
-    assert 3.0 <= summary["wall_seconds"] < 30.0
-    assert (exp / "model" / "summary.json").is_file() and summary["steps"] > 0
+    skipped = {"seconds": 0.0}
+    real_clock = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skipped["seconds"])
+    with after_update(1, lambda: skipped.update(seconds=3600.0)):
+        summary = train(config, exp)
+    assert summary["steps"] == 1 and summary["wall_seconds"] >= 3600.0
+    assert json.loads((exp / "model" / "summary.json").read_text())["steps"] == 1
+    assert load_checkpoint(exp / "model" / "last.pt")["progress"]["step"] == 1
+    resumed = train(config, exp)  # its progress says the budget is spent
+    assert resumed["steps"] == 1 and load_checkpoint(exp / "model" / "last.pt")["progress"]["step"] == 1
 
 
 def test_compiled_decoder_step_trains_like_eager(tiny_exp, tmp_path):

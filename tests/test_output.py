@@ -1,11 +1,11 @@
-"""nmt.loss computes what F.cross_entropy over F.linear computes, gradients included."""
+"""nmt.output's loss computes what F.cross_entropy over F.linear computes, gradients included."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nmt import loss as loss_module
-from nmt.loss import projected_cross_entropy
+from nmt import output as loss_module
+from nmt.output import projected_cross_entropy
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])

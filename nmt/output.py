@@ -1,24 +1,68 @@
-"""The training loss: the vocabulary projection and the cross-entropy, a chunk of tokens at a time.
+"""The output layer: p(y_i | ...) = softmax(V t_i + b), its training loss and its search form.
 
-    loss = projected_cross_entropy(hidden, weight, bias, targets, label_smoothing)
-    # = F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, label_smoothing=...)
+One module owns the vocabulary projection V (the decoder's `output`, an nn.Linear so that its
+weights keep their names in checkpoints and can be tied to the target embeddings):
 
-The plain form keeps (tokens × vocabulary) logits, their fp32 copy, the log-softmax and, in the
-backward pass, two gradients of that size: for a 3,000-token batch and 4k output pieces about
-50 MB each, most of the training step's peak memory. Here the gradient of each chunk of 1,024
-tokens is computed right after its loss, in the forward pass, and only the gradients of the
-inputs are kept (the "fused linear cross-entropy" of Liger-Kernel and others). The matrix
-products are the same three as before, in the same precision (the autocast dtype), and the
-softmax is in fp32 as before.
+    loss = output.loss(t, targets, label_smoothing)    # training: t (tokens, size) → scalar
+    weight, bias = output.padded(dtype)                # once per search batch
+    log_probs = output.log_probs(t, weight, bias)      # a search step: (batch, vocab)
+
+The loss is `F.cross_entropy(F.linear(t, V, b).float(), targets, label_smoothing=...)` computed a
+chunk of tokens at a time. The plain form keeps (tokens × vocabulary) logits, their fp32 copy,
+the log-softmax and, in the backward pass, two gradients of that size: for a 3,000-token batch
+and 4k output pieces about 50 MB each, most of the training step's peak memory. Here the
+gradient of each chunk of 1,024 tokens is computed right after its loss, in the forward pass, and
+only the gradients of the inputs are kept (the "fused linear cross-entropy" of Liger-Kernel and
+others). The matrix products are the same three, in the same precision (the autocast dtype), and
+the softmax is in fp32.
+
+Both forms compute their logits over a vocabulary padded to a multiple of 32 rows (`padded_output`):
+MKL's sgemm runs odd-width outputs at about half speed (bench/README.md).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from nmt.model import autocast_dtype, padded_output
+from nmt.device import autocast_dtype
 
 CHUNK_TOKENS = 1024
+OUTPUT_ROWS_MULTIPLE = 32
+
+
+class OutputLayer(nn.Linear):
+    """V t + b over the output vocabulary (nmt.subword.OutputVocabulary), with its loss."""
+
+    def loss(self, t: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Mean (label-smoothed) cross-entropy of t (tokens, size) against targets (tokens,)."""
+        return projected_cross_entropy(t, self.weight, self.bias, targets, label_smoothing)
+
+    def padded(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights for search's steps (no gradients): see padded_output."""
+        return padded_output(self.weight, self.bias, dtype)
+
+    def log_probs(self, t: torch.Tensor, weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(y_i | ...) from t (batch, size) → (batch, vocab), in fp32 at least; with the
+        padded weight and bias of `padded` when given (search), else the layer as it is."""
+        logits = self(t) if weight is None else F.linear(t, weight, bias)  # (batch, [padded] vocab)
+        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        return log_probs[:, : self.out_features]
+
+
+def padded_output(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None = None):
+    """The projection weight (vocab, size) and bias with rows of zeros (and a bias of -inf) added
+    up to a multiple of 32 outputs, detached and optionally cast: (padded, size), (padded,). The
+    extra logits are -inf: probability exactly 0, cut off by the callers."""
+    vocab = weight.size(0)
+    padded = -(-vocab // OUTPUT_ROWS_MULTIPLE) * OUTPUT_ROWS_MULTIPLE
+    weight = weight.detach() if dtype is None else weight.detach().to(dtype)
+    pad_weight = weight.new_zeros(padded - vocab, weight.size(1))
+    bias = weight.new_zeros(vocab) if bias is None else bias.detach().to(weight.dtype)
+    pad_bias = weight.new_full((padded - vocab,), float("-inf"))
+    return torch.cat([weight, pad_weight]), torch.cat([bias, pad_bias])
 
 
 def projected_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
