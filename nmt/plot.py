@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from nmt.io import atomic_output
+
 INSTALL_HINT = 'pip install "nmt[plot]"  (or: pip install matplotlib)'
 
 
@@ -28,8 +30,6 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    from nmt.io import atomic_output
-
     with atomic_output(path, "wb") as f:
         fig.savefig(f, format="png")
 
