@@ -47,9 +47,9 @@ def update(trainer: Trainer, indices) -> tuple[int, torch.Tensor]:
     Returns the batch's target tokens and its loss."""
     t = trainer.config.train
     batch = collate(trainer.data.train, indices).to(trainer.device)
-    step = train_step(trainer.forward_model, trainer.optimizer, batch, t.clip_norm, t.label_smoothing,
-                      trainer.precision.name)
-    return batch.num_tgt_tokens, step.loss
+    update = train_step(trainer.forward_model, trainer.optimizer, batch, t.clip_norm, t.label_smoothing,
+                        trainer.precision.name)
+    return batch.num_tgt_tokens, update.loss
 
 
 def main() -> None:

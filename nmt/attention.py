@@ -7,9 +7,10 @@ decoder step, turns one query into a context vector and the weights it was made 
     context, weights = attention(query, memory)      # every step
     # query (batch, decoder_size); memory: keys, values (the encoder states h_j), src_mask, summary
     # context (batch, enc_size); weights (batch, src_len), rows sum to 1, padding gets 0
+    # (the fixed context has no weights: None)
 
-and says when it attends (`before_rnn`): Bahdanau attention and the fixed context compute c_i
-from the previous state s_{i-1}, and c_i is part of the decoder RNN's input; Luong attention
+and says when it attends (`before_rnn`): Bahdanau attention computes c_i from the previous state
+s_{i-1}, and c_i is part of the decoder RNN's input, as the fixed context is; Luong attention
 attends after the RNN step, from the new state s_i (see nmt.model.Decoder.recur).
 """
 
@@ -43,8 +44,9 @@ class AdditiveAttention(nn.Module):
     U h_j does not depend on the decoder step, so `project_keys` computes it once per batch.
     The scores are computed as 2 v^T sigmoid(2 (W s + U h_j)): tanh(x) = 2 sigmoid(2x) - 1, and
     the -1 adds the same -sum(v) to every score of a row, which the softmax takes away. The
-    weights are the same; torch's sigmoid runs about 4x faster than its tanh on an AVX2 CPU, and
-    this is the largest elementwise operation of a decoder step (batch x src_len x attention).
+    weights are the same; torch's sigmoid runs several times faster than its tanh on an AVX2 CPU
+    (bench/README.md), and this is the largest elementwise operation of a decoder step
+    (batch x src_len x attention).
     """
 
     before_rnn = True  # from s_{i-1}; c_i is part of the RNN's input
@@ -117,8 +119,9 @@ class GeneralAttention(DotAttention):
 
 class FixedContext(nn.Module):
     """No attention: the baseline of Cho et al. (2014) and Sutskever et al. (2014). Every step
-    reads the same context c = [h_fwd_last ; h_bwd_first], the encoder's summary of the whole
-    source (the fixed-length bottleneck attention removes). No weights."""
+    reads the same context c = [h_fwd_last ; h_bwd_first] (h_last for a unidirectional encoder),
+    the encoder's summary of the whole source: the fixed-length bottleneck attention removes. It
+    enters the RNN's input at every step (`before_rnn`), whatever the query. No weights."""
 
     before_rnn = True
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
-from nmt.config import load_recipe
-from nmt.errors import NmtError
-
-LENGTH_EDGES = "10,20,30,40"  # source-length buckets in words (nmt.evaluate.LENGTH_EDGES)
+from nmt.config import PRECISIONS, load_recipe
+from nmt.errors import Interrupted, NmtError
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +86,10 @@ def cmd_evaluate(args) -> None:
 
 def cmd_compare(args) -> None:
     from nmt.compare import run_compare
+    from nmt.evaluate import LENGTH_EDGES
 
+    if args.buckets is None:
+        args.buckets = ",".join(map(str, LENGTH_EDGES))
     try:
         edges = [int(x) for x in args.buckets.split(",")]
     except ValueError:
@@ -160,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiments", nargs="+", type=Path, metavar="EXP",
                    help="trained experiment directories, e.g. exp/de-en exp/de-en-fixed")
     p.add_argument("--out", type=Path, help="output directory (default: <first EXP>/compare)")
-    p.add_argument("--buckets", default=LENGTH_EDGES,
-                   help="source-length bucket edges in words (default: %(default)s)")
+    p.add_argument("--buckets", default=None,
+                   help="source-length bucket edges in words (default: 10,20,30,40, as nmt evaluate)")
     p.add_argument("--heatmaps", type=int, default=4, help="attention heat maps to draw")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_compare)
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nbest", type=int, default=1, help="print the K best, tab-separated with scores")
     p.add_argument("--alignments", action="store_true", help="append hard alignments (i-j)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16 or fp32 matrix products; auto: bf16 where the hardware has it "
                         "(default: the checkpoint's decode.precision)")
     p.set_defaults(func=cmd_translate)
@@ -183,18 +185,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    where = f"nmt {args.command}"
     try:
         args.func(args)
+    except Interrupted as err:  # the work is saved: say how to go on
+        print(f"{where}: {err}: run `nmt {shlex.join(argv)}` again to resume", file=sys.stderr)
+        return 130
     except NmtError as err:
-        print(f"nmt {args.command}: error: {err}", file=sys.stderr)
+        print(f"{where}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"nmt {args.command}: interrupted", file=sys.stderr)
+        print(f"{where}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as err:  # the operating system refused: name what it refused
+        name = f"{err.filename}: " if err.filename else ""
+        print(f"{where}: error: {name}{err.strerror or err}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+        print(f"{where}: error: out of memory ({first[:200]}); lower the model sizes, "
+              "train.batch_tokens or decode.batch_size", file=sys.stderr)
+        return 2
     return 0
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, MemoryError) or "can't allocate memory" in str(err) or "out of memory" in str(err)
 
 
 if __name__ == "__main__":

@@ -106,9 +106,11 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 1
+    # torch, numpy and SentencePiece all take a 32-bit unsigned seed
+    seed: int = setting(1, ("must be between 0 and 4294967295", lambda v: 0 <= v < 2**32))
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = setting(2, NON_NEGATIVE)  # CPU threads for torch; 0 = torch's default
+    # CPU threads for torch; 0 = torch's default. Bounded: a million threads crashes the process.
+    threads: int = setting(2, ("must be between 0 and 1024", lambda v: 0 <= v <= 1024))
     batch_tokens: int = setting(3000, POSITIVE)  # target tokens per batch, padding not counted
     max_epochs: int = setting(12, POSITIVE)
     max_steps: int = setting(0, NON_NEGATIVE)  # stop after this many updates; 0 = no limit

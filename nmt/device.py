@@ -16,9 +16,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from nmt.config import PRECISIONS
 from nmt.errors import NmtError
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_device(name: str) -> torch.device:

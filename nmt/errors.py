@@ -11,3 +11,7 @@ class NmtError(Exception):
 
 class ConfigError(NmtError):
     """A recipe or an override is invalid: names the file and the key path."""
+
+
+class Interrupted(NmtError):
+    """Ctrl-C or SIGTERM stopped a command after saving its work: exit status 130."""

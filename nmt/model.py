@@ -7,6 +7,7 @@ Align and Translate", and Cho et al. (2014) for the fixed-context baseline:
     bridge       s_0 = tanh(W_s [h_fwd_last ; h_bwd_first])  decoder initial state
     attention    c_i = sum_j a_ij h_j,  a_i = softmax(v^T tanh(W s_{i-1} + U h_j))      (bahdanau)
                  c_i = c = [h_fwd_last ; h_bwd_first] at every step                      (none)
+                 (a unidirectional encoder: c = h_last)
     decoder      s_i = RNN([y_{i-1} ; c_i], s_{i-1})
     deep output  t_i = tanh(W_o [s_i ; c_i ; y_{i-1}]),   p(y_i | ...) = softmax(V t_i)
 
@@ -18,6 +19,7 @@ V and the loss are nmt.output. Ids 0-3 are pad, unk, bos, eos (nmt.subword).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,7 @@ from torch import nn
 from nmt.attention import FixedContext, build_attention
 from nmt.config import ModelConfig
 from nmt.device import autocast_dtype
+from nmt.errors import NmtError
 from nmt.output import OutputLayer
 from nmt.subword import BOS_ID, PAD_ID
 
@@ -194,7 +197,7 @@ class Decoder(nn.Module):
     # does not depend on the previous step: `project_embeddings` does it for all steps at once; so
     # does `prepare` for the fixed context. (Projecting the encoder states once, W_c h_j, and
     # weighing them at each step would save FLOPs too, but the weighing then reads batch × src_len
-    # × gates values per step and measured 5-10% slower here than W_c c_i.)
+    # × gates values per step and measured slower than W_c c_i: bench/README.md.)
 
     def _input_weights(self, dtype: torch.dtype | None = None):
         """W_ih's blocks for the embedding, the context (or None) and the fed output (or None)."""
@@ -361,7 +364,15 @@ class Seq2Seq(nn.Module):
 
 
 def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Seq2Seq:
-    return Seq2Seq(cfg, src_vocab_size, tgt_vocab_size)
+    try:
+        return Seq2Seq(cfg, src_vocab_size, tgt_vocab_size)
+    except (RuntimeError, MemoryError) as err:  # sizes that pass validation but not the machine
+        if isinstance(err, RuntimeError) and "allocate" not in str(err):
+            raise
+        wanted = re.search(r"allocate (\d+) bytes", str(err))
+        size = f" (a tensor of {int(wanted.group(1)) / 2**30:.1f} GiB)" if wanted else ""
+        raise NmtError(f"model: the model does not fit in memory{size}; lower the sizes in the model "
+                       "section") from None
 
 
 def bos_column(batch: int, device) -> torch.Tensor:

@@ -9,7 +9,7 @@ hypothesis finishes: GNMT's ((5 + |y|) / 6) ** alpha (Wu et al. 2016, eq. 14), t
 log-probability, or none.
 
 Every function takes the decode settings whole (nmt.config.DecodeConfig: beam size, batch size,
-length limits and penalty); beam size 1 is greedy search.
+length limits and penalty); search_corpus runs greedy search for beam size 1.
 """
 
 from __future__ import annotations

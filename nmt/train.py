@@ -31,15 +31,15 @@ from nmt.checkpoint import load_checkpoint, load_state, save_checkpoint
 from nmt.config import Config, TrainConfig, config_to_dict, save_config
 from nmt.device import autocast, machine, resolve_device, resolve_precision
 from nmt.distributed import World
-from nmt.errors import NmtError
+from nmt.errors import Interrupted, NmtError
 from nmt.evaluate import score
-from nmt.io import exclusive_lock, read_lines, versions, write_json
+from nmt.io import atomic_write_text, exclusive_lock, read_lines, versions, write_json
 from nmt.model import Seq2Seq, build_model
 from nmt.search import search_corpus
 from nmt.subword import EncodedSplit, OutputVocabulary, Subwords
 
 LOG_EVERY = 20  # updates between train records in metrics.jsonl
-MAX_BAD_STEPS = 5  # consecutive non-finite gradients before training stops
+MAX_BAD_STEPS = 5  # consecutive non-finite losses or gradients before training stops
 
 
 @dataclass
@@ -61,26 +61,28 @@ class Progress:
 
 
 @dataclass
-class Step:
+class Update:
     loss: torch.Tensor  # mean loss per target token of the batch (detached)
     grad_norm: torch.Tensor  # before clipping
-    updated: bool  # False: the gradients were NaN/inf and the parameters were left as they were
+    applied: bool  # False: the loss or the gradients were NaN/inf, the parameters stay as they were
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, clip_norm: float = 0.0,
-               label_smoothing: float = 0.0, precision: str = "fp32") -> Step:
+               label_smoothing: float = 0.0, precision: str = "fp32", world: World | None = None) -> Update:
     """One update on one batch: forward (the model's loss), backward, gradient clipping to
-    `clip_norm` (0: none) and the optimizer step, unless the gradients are not finite. `model` is
-    a Seq2Seq or its DDP wrapper; `precision` a resolved one (fp32 | bf16)."""
+    `clip_norm` (0: none) and the optimizer step, unless the loss or the gradients are not finite
+    (on any rank of `world`: all ranks skip together). `model` is a Seq2Seq or its DDP wrapper;
+    `precision` a resolved one (fp32 | bf16)."""
     with autocast(batch.src_ids.device, precision):
         loss = model(batch.src_ids, batch.src_lens, batch.tgt_in, batch.tgt_out, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # under DDP, this also averages the gradients over the ranks
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm or math.inf)
-    updated = bool(torch.isfinite(grad_norm))
-    if updated:
+    bad = int(not (torch.isfinite(loss) and torch.isfinite(grad_norm)))
+    applied = distributed.agree(world or World(), [bad], loss.device)[0] == 0
+    if applied:
         optimizer.step()
-    return Step(loss.detach(), grad_norm, updated)
+    return Update(loss.detach(), grad_norm, applied)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,6 +96,7 @@ class TrainingData:
     train: EncodedSplit
     valid: EncodedSplit
     valid_refs: list[str]  # raw validation references, for BLEU
+    valid_path: Path  # the validation source text, for warnings
     subwords: Subwords
     vocab: OutputVocabulary
     spm_paths: dict[str, Path]  # src/tgt SentencePiece model files, copied into checkpoints
@@ -111,7 +114,7 @@ def load_training_data(config: Config, exp_dir: Path) -> TrainingData:
     splits = [EncodedSplit.load(spm_dir / f"{name}.npz") for name in ("train", "valid")]
     for split in splits:
         split.tgt_ids = vocab.to_output(split.tgt_ids)
-    return TrainingData(splits[0], splits[1], read_lines(exp_dir / "data" / "valid.tgt"),
+    return TrainingData(splits[0], splits[1], read_lines(exp_dir / "data" / "valid.tgt"), exp_dir / "data" / "valid.src",
                         Subwords.load(spm_paths["src"], spm_paths["tgt"]), vocab, spm_paths,
                         manifest["vocab_size"])
 
@@ -167,6 +170,11 @@ class Trainer:
         if self.world.is_main:
             tqdm.write(text)
 
+    def last_good(self, name: str = "last.pt") -> str:
+        """What a stop for NaN/inf leaves the user with."""
+        path = self.out / name
+        return f"{path} keeps the last good state" if path.is_file() else f"no {name} was written yet"
+
     def payload(self) -> dict:
         return {
             "model": self.model.state_dict(),
@@ -186,8 +194,8 @@ class Trainer:
 
     def save(self, name: str) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-            raise NmtError(f"parameters became NaN/inf at step {self.progress.step}; {self.out / name} "
-                           "keeps the last good state (try a lower train.lr or train.clip_norm)")
+            raise NmtError(f"parameters became NaN/inf at step {self.progress.step}; {self.last_good(name)} "
+                           "(try a lower train.lr or train.clip_norm)")
         payload = self.payload()  # every rank takes part (its RNG state); rank 0 writes
         if self.world.is_main:
             save_checkpoint(self.out / name, payload)
@@ -236,9 +244,8 @@ def train(config: Config, exp_dir: Path) -> dict:
             start_or_resume(trainer)
             with stop_requests() as stop, open_metrics(trainer) as metrics:
                 finished = training_loop(trainer, metrics, stop)
-            if not finished:
-                raise NmtError(f"interrupted at step {trainer.progress.step}; saved {trainer.out / 'last.pt'}: "
-                               f"run `nmt train {config.name}` again to resume")
+            if not finished:  # the CLI adds how to resume, with the arguments as given
+                raise Interrupted(f"interrupted at step {trainer.progress.step}; saved {trainer.out / 'last.pt'}")
             return write_summary(trainer)
     finally:
         distributed.leave(world)
@@ -251,7 +258,7 @@ def training_loop(trainer: Trainer, metrics, stop: dict) -> bool:
     t, p, world = trainer.config.train, trainer.progress, trainer.world
     clock = Clock(p, t.max_minutes)
     window = Window()  # the train record's loss, tokens and time since the last one
-    bad_steps = 0  # consecutive batches with non-finite gradients
+    bad_steps = 0  # consecutive batches with a non-finite loss or gradients
     stopping = False
     done = should_stop(trainer, clock.over_budget())  # a resumed run that had stopped stays stopped
     trainer.forward_model.train()
@@ -263,15 +270,15 @@ def training_loop(trainer: Trainer, metrics, stop: dict) -> bool:
         while not (done or stopping) and p.batch_in_epoch < usable:
             started = time.perf_counter()
             batch = collate(trainer.data.train, batches[p.batch_in_epoch + world.rank]).to(trainer.device)
-            step = train_step(trainer.forward_model, trainer.optimizer, batch, t.clip_norm,
-                              t.label_smoothing, trainer.precision.name)
+            update = train_step(trainer.forward_model, trainer.optimizer, batch, t.clip_norm,
+                                t.label_smoothing, trainer.precision.name, world)
             p.batch_in_epoch += world.size
             tokens = batch.num_tgt_tokens
             all_tokens, stops, over_time = distributed.agree(
                 world, [tokens, int(stop["signal"] is not None), int(clock.over_budget())], trainer.device)
             stopping = stops > 0
-            if not step.updated:
-                bad_steps = skip_update(trainer, step, bad_steps + 1)
+            if not update.applied:
+                bad_steps = skip_update(trainer, update, bad_steps + 1)
                 if stopping:
                     trainer.save("last.pt")
                 continue
@@ -280,13 +287,14 @@ def training_loop(trainer: Trainer, metrics, stop: dict) -> bool:
             p.tokens += all_tokens
             seconds = time.perf_counter() - started
             p.train_seconds += seconds
-            window.add(float(step.loss) * tokens, tokens, seconds)
+            window.add(float(update.loss) * tokens, tokens, seconds)
             bar.update(world.size)
+            step_schedule(trainer)
             if p.step % LOG_EVERY == 0:
                 log_train(trainer, metrics, window, bar, clock)
-            validation = validate_on_main(trainer) if p.step % t.valid_every == 0 else None
-            step_schedule(trainer, updated=True, validation=validation)
-            if validation is not None:
+            if p.step % t.valid_every == 0:
+                validation = validate_on_main(trainer)
+                step_schedule(trainer, validation)
                 record_validation(trainer, metrics, validation)
             done = should_stop(trainer, bool(over_time))
             if p.step % t.checkpoint_every == 0 or done or stopping:
@@ -299,8 +307,9 @@ def training_loop(trainer: Trainer, metrics, stop: dict) -> bool:
         return False
     if p.validated_step != p.step:  # the last updates were not validated yet
         validation = validate_on_main(trainer)
-        step_schedule(trainer, updated=False, validation=validation)
+        step_schedule(trainer, validation)
         record_validation(trainer, metrics, validation)
+    clock.seconds()
     trainer.save("last.pt")
     return True
 
@@ -322,7 +331,8 @@ class Clock:
         return self.progress.wall_seconds
 
     def over_budget(self) -> bool:
-        return bool(self.max_minutes and self.seconds() >= 60 * self.max_minutes)
+        seconds = self.seconds()  # always: it keeps progress.wall_seconds current
+        return bool(self.max_minutes and seconds >= 60 * self.max_minutes)
 
 
 @dataclass
@@ -349,24 +359,24 @@ def should_stop(trainer: Trainer, over_time: bool) -> bool:
     return bool(patience_out or over_time or (t.max_steps and p.step >= t.max_steps))
 
 
-def skip_update(trainer: Trainer, step: Step, bad_steps: int) -> int:
-    """Warn about a batch whose gradients were not finite (its update was skipped); stop after
-    MAX_BAD_STEPS of them in a row. Returns the count."""
+def skip_update(trainer: Trainer, update: Update, bad_steps: int) -> int:
+    """Warn about a batch whose loss or gradients were not finite (its update was skipped); stop
+    after MAX_BAD_STEPS of them in a row. Returns the count."""
     p = trainer.progress
-    trainer.log(f"warning: step {p.step + 1}: loss {float(step.loss):.4g}, gradient norm "
-                f"{float(step.grad_norm):.4g}; update skipped ({bad_steps} in a row)")
+    trainer.log(f"warning: step {p.step + 1}: loss {float(update.loss):.4g}, gradient norm "
+                f"{float(update.grad_norm):.4g}; update skipped ({bad_steps} in a row)")
     if bad_steps >= MAX_BAD_STEPS:
         raise NmtError(f"loss or gradients were NaN/inf for {bad_steps} batches in a row at step {p.step}; "
-                       f"stopped without saving them: {trainer.out / 'last.pt'} holds the last good state "
-                       "(try a lower train.lr or train.clip_norm)")
+                       f"stopped without saving them: {trainer.last_good()} (try a lower train.lr or "
+                       "train.clip_norm)")
     return bad_steps
 
 
-def step_schedule(trainer: Trainer, updated: bool, validation: dict | None) -> None:
-    """The learning-rate schedule moves here only: warmup after every update, plateau after every
-    validation (on its BLEU)."""
+def step_schedule(trainer: Trainer, validation: dict | None = None) -> None:
+    """The learning rate changes here only: called after every update (warmup moves), and after
+    every validation with its result (plateau moves, on its BLEU)."""
     schedule = trainer.config.train.schedule
-    if schedule == "warmup" and updated:
+    if schedule == "warmup" and validation is None:
         trainer.scheduler.step()
     elif schedule == "plateau" and validation is not None:
         trainer.scheduler.step(validation["valid_bleu"])
@@ -374,24 +384,40 @@ def step_schedule(trainer: Trainer, updated: bool, validation: dict | None) -> N
 
 @torch.no_grad()
 def validate(trainer: Trainer) -> dict:
-    """Validation loss and perplexity (teacher forcing), and greedy BLEU against the references."""
+    """Validation loss and perplexity (teacher forcing), and greedy BLEU against the references.
+    Bounded as training and translation are: pairs with a side over train.max_len subwords are
+    left out of the loss, and sources are cut to decode.max_src_len for the BLEU decode (one
+    extreme line must not need an attention matrix of hundreds of GB; see warn_long_valid_lines)."""
     model, data, config = trainer.model, trainer.data, trainer.config
     model.eval()
     total_loss, total_tokens = 0.0, 0
-    for indices in token_batches(data.valid, config.train.batch_tokens, 0, 0, shuffle=False):
+    for indices in token_batches(data.valid, config.train.batch_tokens, 0, 0, config.train.max_len, shuffle=False):
         batch = collate(data.valid, indices).to(trainer.device)
         with autocast(trainer.device, trainer.precision.name):
             loss = model(batch.src_ids, batch.src_lens, batch.tgt_in, batch.tgt_out)
         total_loss += float(loss) * batch.num_tgt_tokens
         total_tokens += batch.num_tgt_tokens
     greedy = dataclasses.replace(config.decode, beam_size=1)
-    src_seqs = [data.valid.src(i).tolist() for i in range(len(data.valid))]
+    src_seqs = [data.valid.src(i)[: config.decode.max_src_len].tolist() for i in range(len(data.valid))]
     hyps = search_corpus(model, src_seqs, greedy, trainer.precision.name)
     texts = data.subwords.decode_tgt([data.vocab.to_spm(h[0].tokens) for h in hyps])
     model.train()
     valid_loss = total_loss / max(1, total_tokens)
     return {"valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0)),
             "valid_bleu": score(texts, [data.valid_refs])["bleu"]}
+
+
+def warn_long_valid_lines(trainer: Trainer, shown: int = 5) -> None:
+    """Name the validation lines that validate() bounds, once, at the start."""
+    t, decode, valid = trainer.config.train, trainer.config.decode, trainer.data.valid
+    src, tgt = valid.src_lengths, valid.tgt_lengths
+    long = [int(i) for i in ((src > t.max_len) | (tgt > t.max_len) | (src > decode.max_src_len)).nonzero()[0]]
+    for i in long[:shown]:
+        trainer.log(f"warning: {trainer.data.valid_path}:{i + 1}: {src[i]} source / {tgt[i]} target subwords: "
+                    f"left out of the validation loss over train.max_len {t.max_len}, source cut to "
+                    f"decode.max_src_len {decode.max_src_len} for validation BLEU")
+    if len(long) > shown:
+        trainer.log(f"warning: {len(long) - shown} more validation lines like these")
 
 
 def validate_on_main(trainer: Trainer) -> dict:
@@ -466,14 +492,24 @@ def start_or_resume(trainer: Trainer) -> None:
     trainer.log(f"model: {trainer.model.num_parameters():,} parameters ({config.model.cell}, "
                 f"attention {config.model.attention}); device {trainer.device}, "
                 f"{torch.get_num_threads()} threads{world}")
+    warn_long_valid_lines(trainer)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from: they will be redone."""
+    """Drop records written after the checkpoint we resume from: they will be redone. A record that
+    cannot be read (a partial last line after a kill, a damaged file) is dropped too: a log line
+    never stops a resume."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def open_metrics(trainer: Trainer):

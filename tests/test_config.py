@@ -95,6 +95,11 @@ def test_attention_typo_suggests(tmp_path):
     ("train.label_smoothing=1.5", "train.label_smoothing: must be in [0, 1), got 1.5"),
     ("data.clean.max_ratio=0", "data.clean.max_ratio: must be positive, got 0.0"),
     ("subword.vocab_size=5", "subword.vocab_size: must be at least 8 (4 ids are reserved for specials), got 5"),
+    # values torch, numpy or SentencePiece would only refuse (or crash on) later
+    ("train.seed=-1", "train.seed: must be between 0 and 4294967295, got -1"),
+    ("train.seed=4294967296", "train.seed: must be between 0 and 4294967295, got 4294967296"),
+    ("train.threads=1000000", "train.threads: must be between 0 and 1024, got 1000000"),
+    ("name=a/b", "name: must be a plain name (no '/', control characters or surrounding spaces), got 'a/b'"),
 ])
 def test_value_error_messages(tmp_path, override, message):
     path = write_recipe(tmp_path, MINIMAL)

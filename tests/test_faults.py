@@ -327,3 +327,84 @@ def test_nan_loss_skips_updates_then_stops_keeping_the_last_good_checkpoint(tiny
     # What was kept is good: finite parameters, and progress without a NaN (JSON refuses one).
     assert all(torch.isfinite(w).all() for w in kept["model"].values() if w.is_floating_point())
     assert json.loads(json.dumps(kept["progress"], allow_nan=False)) == kept["progress"]
+
+
+def test_nan_stop_before_any_checkpoint_says_none_was_written(tiny_exp):
+    config, exp = tiny_exp
+    config.train.max_steps, config.train.checkpoint_every = 40, 1000
+    config.train.lr, config.train.clip_norm = 1e38, 0.0
+    with pytest.raises(NmtError, match="no last.pt was written yet") as raised:
+        train(config, exp)
+    assert "keeps the last good state" not in str(raised.value)
+    assert not (exp / "model" / "last.pt").exists()
+
+
+def test_ctrl_c_exits_130_and_names_the_command_as_given(tiny_exp, tmp_path):
+    """The resume hint repeats the arguments as they were given: a recipe path and --exp."""
+    _, exp = tiny_exp
+    recipe = str(resolve_recipe_path("de-en"))
+    args = [sys.executable, "-m", "nmt.cli", "train", recipe, "--exp", str(exp)]
+    for override in [*TINY_OVERRIDES, "train.max_steps=100000", "train.checkpoint_every=2"]:
+        args += ["--set", override]
+    stderr = tmp_path / "train.stderr"
+    with open(stderr, "wb") as err:
+        process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        last = exp / "model" / "last.pt"
+        wait_for(last.exists, process, "a checkpoint", stderr)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=600)
+    message = stderr.read_text().strip().splitlines()[-1]
+    assert process.returncode == 130, message
+    assert message.startswith("nmt train: interrupted at step ")
+    assert f"run `nmt train {recipe} --exp {exp} --set" in message and message.endswith("again to resume")
+
+
+def test_a_partial_metrics_line_does_not_stop_a_resume(tiny_exp):
+    config, exp = tiny_exp
+    config.train.max_steps = 4
+    train(config, exp)
+    metrics = exp / "model" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "train_lo')  # a kill -9 in the middle of a record
+    config.train.max_steps = 6
+    summary = train(config, exp)
+    assert summary["steps"] == 6
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line reads
+    assert [r["step"] for r in records if "valid_bleu" in r] == [4, 6]
+
+
+def test_an_extreme_validation_line_is_bounded_with_a_warning(tiny_exp, capsys):
+    """A 3,000-word validation line: left out of the validation loss, its source cut for BLEU,
+    named once; training goes on."""
+    config, exp = tiny_exp
+    for side in ("src", "tgt"):
+        path = exp / "data" / f"valid.{side}"
+        lines = path.read_text().splitlines()
+        lines[6] = " ".join(["Hund", "Katze", "Baum"] * 1000)
+        path.write_text("\n".join(lines) + "\n")
+    run_spm_stage(config, exp)
+    config.train.max_steps, config.train.valid_every = 2, 1
+    summary = train(config, exp)
+    out = capsys.readouterr().out
+    assert summary["steps"] == 2
+    assert out.count(f"{exp / 'data' / 'valid.src'}:7:") == 1
+    assert "left out of the validation loss" in out
+
+
+def test_evaluate_decodes_with_the_recipe_and_records_it(trained_exp, tmp_path):
+    """`--set decode.*` changes the decoding (max 2 output tokens: one piece and EOS) and the
+    record says so."""
+    config, exp = trained_exp
+    from nmt.cli import main
+
+    overrides = [a for o in [*TINY_OVERRIDES, "decode.beam_size=2", "decode.max_len_a=0", "decode.max_len_b=2"]
+                 for a in ("--set", o)]
+    work = tmp_path / "exp"
+    for part in ("data", "spm", "model"):
+        os.makedirs(work, exist_ok=True)
+        os.symlink(exp / part, work / part)
+    assert main(["evaluate", "de-en", "--exp", str(work), *overrides]) == 0
+    record = json.loads((work / "eval" / "test.json").read_text())
+    assert record["decode"]["beam_size"] == 2 and record["decode"]["max_len_b"] == 2
+    hyps = (work / "eval" / "test.hyp").read_text().splitlines()
+    assert hyps and all(len(h.split()) <= 1 for h in hyps)  # at most one piece: at most one word

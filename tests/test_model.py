@@ -9,7 +9,7 @@ import torch
 from nmt.attention import AdditiveAttention, FixedContext, build_attention
 from nmt.config import DecodeConfig, ModelConfig
 from nmt.device import autocast
-from nmt.model import Decoder, Encoder, Memory, build_model
+from nmt.model import Decoder, DecoderState, Encoder, Memory, build_model
 from nmt.search import search_corpus
 from nmt.train import train_step
 
@@ -50,9 +50,9 @@ def test_every_cell_and_attention_trains(cell, attention):
     losses = []
     for _ in range(40):
         sources = random_strings(rng, 32, 3, 6)
-        step = train_step(model, optimizer, make_batch(sources, sources))
-        assert step.updated, f"gradient norm {float(step.grad_norm)}"
-        losses.append(float(step.loss))
+        update = train_step(model, optimizer, make_batch(sources, sources))
+        assert update.applied, f"gradient norm {float(update.grad_norm)}"
+        losses.append(float(update.loss))
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
 
 
@@ -106,9 +106,9 @@ def test_bf16_autocast_trains_and_keeps_state_and_attention_in_fp32():
     losses = []
     for _ in range(40):
         sources = random_strings(rng, 32, 3, 6)
-        step = train_step(model, optimizer, make_batch(sources, sources), precision="bf16")
-        losses.append(float(step.loss))
-    assert step.loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+        update = train_step(model, optimizer, make_batch(sources, sources), precision="bf16")
+        losses.append(float(update.loss))
+    assert update.loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
     model.eval()
     with torch.no_grad(), autocast("cpu", "bf16"):
@@ -177,29 +177,28 @@ def _memory(attention, states, mask):
 
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
 def test_decoder_recurrence_equals_torchs_rnn(cell):
-    """The decoder's hand-written step (Decoder._recur_layer, over layers as in Decoder.recur)
-    computes what torch's own GRU/LSTM/RNN computes with the same parameters."""
+    """Decoder.recur, the hand-written step over 3 layers, computes what torch's own GRU/LSTM/RNN
+    computes with the same parameters. With the fixed context set to zeros, the RNN's input is
+    [y_{i-1} ; 0] and its first layer's input projection is recur's (project_embeddings)."""
     torch.manual_seed(0)
     cfg = ModelConfig(cell=cell, embed_size=8, decoder_size=6, dec_layers=3, attention="none", dropout=0.0)
     decoder = Decoder(10, cfg, enc_size=4).double()
-    rnn = decoder.rnn  # nn.GRU/LSTM/RNN(input 8 + 4, hidden 6, 3 layers)
-    inputs = torch.randn(5, 7, rnn.input_size, dtype=torch.float64)  # (batch, steps, input)
-    h0 = torch.randn(3, 5, 6, dtype=torch.float64)
-    c0 = torch.randn(3, 5, 6, dtype=torch.float64)
-    expected, _ = rnn(inputs, (h0, c0) if cell == "lstm" else h0)
-
-    hidden, cells, outputs = list(h0), list(c0), []
-    for step in range(inputs.size(1)):
-        x = inputs[:, step]
-        for layer in range(3):
-            gates = torch.nn.functional.linear(x, getattr(rnn, f"weight_ih_l{layer}"),
-                                               getattr(rnn, f"bias_ih_l{layer}"))
-            h, c = decoder._recur_layer(layer, gates, hidden[layer], cells[layer] if cell == "lstm" else None)
-            hidden[layer], x = h, h
-            if cell == "lstm":
-                cells[layer] = c
-        outputs.append(x)
+    embedded = torch.randn(5, 7, 8, dtype=torch.float64)  # (batch, steps, embed)
+    h0, c0 = torch.randn(3, 5, 6, dtype=torch.float64), torch.randn(3, 5, 6, dtype=torch.float64)
+    summary = torch.zeros(5, 4, dtype=torch.float64)
+    memory = decoder.prepare(Memory(None, summary.unsqueeze(1), torch.ones(5, 1, dtype=torch.bool), summary))
+    state = DecoderState(h0, c0 if cell == "lstm" else None, None)
+    outputs = []
+    for step in range(embedded.size(1)):
+        s_i, context, weights, state = decoder.recur(decoder.project_embeddings(embedded[:, step]), state, memory)
+        outputs.append(s_i)
+        assert weights is None and torch.equal(context, summary)
+    inputs = torch.cat([embedded, torch.zeros(5, 7, 4, dtype=torch.float64)], dim=-1)
+    expected, final = decoder.rnn(inputs, (h0, c0) if cell == "lstm" else h0)
     assert torch.allclose(torch.stack(outputs, dim=1), expected, atol=1e-12)
+    assert torch.allclose(state.hidden, final[0] if cell == "lstm" else final, atol=1e-12)
+    if cell == "lstm":
+        assert torch.allclose(state.cell, final[1], atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["luong-dot", "luong-general"])
