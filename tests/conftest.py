@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from nmt.config import load_recipe
+from nmt.corpus import run_data_stage
+from nmt.subword import run_spm_stage
+from nmt.train import train
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("NMT_TEST_DATA", ROOT.parent / "shared" / "data"))
 
@@ -53,10 +58,6 @@ TINY_OVERRIDES = [
 @pytest.fixture(scope="session")
 def prepared_exp(mirror, tmp_path_factory) -> Path:
     """The tiny recipe through the data and spm stages, once per session: tests take a copy."""
-    from nmt.config import load_recipe
-    from nmt.corpus import run_data_stage
-    from nmt.subword import run_spm_stage
-
     exp = tmp_path_factory.mktemp("prepared") / "exp"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("NMT_DATA_MIRROR", str(mirror))
@@ -70,8 +71,6 @@ def prepared_exp(mirror, tmp_path_factory) -> Path:
 def tiny_exp(prepared_exp, mirror, tmp_path, monkeypatch):
     """A real experiment on the mirror slice, through the data and spm stages (not trained): the
     test's own copy, so that it may train in it or damage its files."""
-    from nmt.config import load_recipe
-
     monkeypatch.setenv("NMT_DATA_MIRROR", str(mirror))
     exp = tmp_path / "exp"
     shutil.copytree(prepared_exp, exp)
@@ -81,9 +80,6 @@ def tiny_exp(prepared_exp, mirror, tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def trained_exp(prepared_exp, mirror, tmp_path_factory):
     """A tiny model really trained (a few steps) on the mirror slice: for translate/evaluate."""
-    from nmt.config import load_recipe
-    from nmt.train import train
-
     exp = tmp_path_factory.mktemp("trained") / "exp"
     shutil.copytree(prepared_exp, exp)
     with pytest.MonkeyPatch.context() as env:

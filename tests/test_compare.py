@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from nmt.align import hard_alignment, merge_attention, word_index, words_of
 from nmt.cli import main
 from nmt.compare import Decoding, Variant, heatmap_sentences, labels_of, render_report
 from nmt.config import DecodeConfig, load_recipe
@@ -150,7 +151,6 @@ def test_compare_of_an_untrained_experiment_is_one_line_naming_it(trained_exp, t
 
 
 def test_pieces_merge_into_words_sum_over_source_average_over_target():
-    from nmt.align import hard_alignment, merge_attention, word_index, words_of
 
     src = ["▁Ein", "▁Mann", "s", "▁", "„"]  # words: Ein | Manns | „
     tgt = ["▁A", "▁man", "'", "▁", "▁"]  # words: A | man' | (a bare space: no word)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from nmt.device import Capabilities, capabilities, choose_precision, resolve_precision
+from nmt.evaluate import evaluate_recipe
 
 AVX2 = Capabilities("cpu", "AMD EPYC", "AVX2")
 AVX512 = Capabilities("cpu", "Intel Xeon", "AVX512")  # AVX-512 without its BF16 extension
@@ -75,13 +77,10 @@ def test_resolve_says_once_and_warns_only_when_emulated():
 
 def test_training_and_evaluation_record_the_resolved_precision(trained_exp, capsys):
     """The trained fixture asks for fp32; a recipe's `auto` is resolved and recorded as such."""
-    from nmt.evaluate import evaluate_recipe
-
     config, exp = trained_exp
     summary = json.loads((exp / "model" / "summary.json").read_text())
     assert summary["precision"]["name"] == "fp32" and summary["precision"]["requested"] == "fp32"
     assert summary["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    import dataclasses
 
     auto = dataclasses.replace(config, decode=dataclasses.replace(config.decode, precision="auto"))
     evaluate_recipe(auto, exp, beam_size=1)

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from nmt.checkpoint import load_checkpoint, save_checkpoint
+from nmt.cli import main
 from nmt.config import Config, load_recipe, resolve_recipe_path, save_config
 from nmt.corpus import run_data_stage
 from nmt.errors import ConfigError, NmtError
@@ -395,7 +396,6 @@ def test_evaluate_decodes_with_the_recipe_and_records_it(trained_exp, tmp_path):
     """`--set decode.*` changes the decoding (max 2 output tokens: one piece and EOS) and the
     record says so."""
     config, exp = trained_exp
-    from nmt.cli import main
 
     overrides = [a for o in [*TINY_OVERRIDES, "decode.beam_size=2", "decode.max_len_a=0", "decode.max_len_b=2"]
                  for a in ("--set", o)]

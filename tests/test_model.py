@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nmt.attention import AdditiveAttention, FixedContext, build_attention
 from nmt.config import DecodeConfig, ModelConfig
@@ -126,8 +127,6 @@ def test_encoder_equals_torchs_packed_rnn(cell, layers, bidirectional):
     """The encoder runs each direction over the padded batch (the backward one on sentences
     reversed within their lengths); torch's own RNN over the packed batch must agree on every
     real position and on the summary, outputs and gradients."""
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
     torch.manual_seed(0)
     cfg = ModelConfig(cell=cell, embed_size=8, hidden_size=6, enc_layers=layers,
                       bidirectional=bidirectional, dropout=0.0)

@@ -14,6 +14,8 @@ import pytest
 
 from nmt.cli import main
 from nmt.evaluate import evaluate_files
+from nmt.io import read_lines
+from nmt.subword import EncodedSplit
 from nmt.translate import Translator
 
 from .conftest import ROOT, TINY_OVERRIDES
@@ -160,8 +162,6 @@ def test_evaluate_recipe_writes_hyp_and_json(trained_exp, beam, capsys):
 def test_translations_use_only_pieces_seen_in_training_targets(trained_exp):
     """The output layer's ids are mapped back to SentencePiece ids (subword.output_vocabulary)."""
     _, exp = trained_exp
-    from nmt.io import read_lines
-    from nmt.subword import EncodedSplit
 
     translator = Translator.from_path(exp)
     assert translator.model.tgt_vocab_size == translator.vocab.size == len(translator.vocab.pieces)
