@@ -9,7 +9,6 @@ alignments (their Fig. 3). Training is not done here: every experiment must be t
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from nmt.align import merge_attention, words_of
 from nmt.config import DecodeConfig
 from nmt.errors import NmtError
 from nmt.evaluate import LENGTH_EDGES, bleu_by_length, bucket_labels, score
-from nmt.io import atomic_write_text, read_lines, versions, write_json
+from nmt.io import atomic_write_text, read_json, read_lines, versions, write_json
 from nmt.search import Hypothesis
 from nmt.translate import Translator
 
@@ -72,7 +71,7 @@ def trained_summary(exp_dir: Path) -> dict:
         raise NmtError(f"{exp_dir}: no trained model (model/summary.json missing): run "
                        f"`make recipe=RECIPE compare`, which trains a recipe and its fixed-context "
                        f"twin, or `nmt train RECIPE --exp {exp_dir}`")
-    return json.loads(path.read_text())
+    return read_json(path, "training summary")
 
 
 def labels_of(exp_dirs: list[Path]) -> list[str]:

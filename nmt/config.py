@@ -81,8 +81,9 @@ class SubwordConfig:
     vocab_size: int = setting(8000, ("must be at least 8 (4 ids are reserved for specials)",
                                      lambda v: v >= 8))
     joint: bool = True  # one model for both languages, or one per side
-    character_coverage: float = setting(1.0, ("must be in (0, 1]", lambda v: 0 < v <= 1))
-    max_sentences: int = setting(1_000_000, POSITIVE)  # sampled to train SentencePiece
+    # the ranges SentencePiece's trainer accepts
+    character_coverage: float = setting(1.0, ("must be between 0.98 and 1", lambda v: 0.98 <= v <= 1))
+    max_sentences: int = setting(1_000_000, ("must be more than 100", lambda v: v > 100))  # sampled to train SentencePiece
     restrict_target: bool = True  # output layer over the pieces seen in training targets only
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from nmt.clean import clean_pairs
 from nmt.config import Config, SplitSource, config_to_dict, save_config
 from nmt.errors import NmtError
-from nmt.io import read_aligned, versions, write_json, write_lines
+from nmt.io import read_aligned, remove_stale_temps, start_stage, versions, write_json, write_lines
 
 
 def mirror_dir() -> Path | None:
@@ -97,6 +97,7 @@ def download_from_hub(source: SplitSource, langs: tuple[str, str], root: Path, k
             raise NmtError(
                 f"{key}: hub dataset {source.hub} has no '{lang}' text (columns: {', '.join(columns)})"
             )
+    remove_stale_temps(root / source.corpus)  # an export killed mid-write
     for lang, lines in sides.items():
         # A line break inside a sentence would misalign the files: fold it into a space.
         text = [" ".join(str(line).splitlines()) for line in lines]
@@ -106,11 +107,8 @@ def download_from_hub(source: SplitSource, langs: tuple[str, str], root: Path, k
 def run_data_stage(config: Config, exp_dir: Path) -> dict:
     """Write exp/<recipe>/data/{train,valid,<test>}.{src,tgt} and stats.json (written last)."""
     out = exp_dir / "data"
-    out.mkdir(parents=True, exist_ok=True)
-    stats_path = out / "stats.json"
-    # stats.json marks a complete stage: remove it first so an interrupted run is never taken
-    # for a finished one by make or by the next stage.
-    stats_path.unlink(missing_ok=True)
+    # stats.json marks a complete stage: removed first, written last.
+    stats_path = start_stage(out, "stats.json")
     data = config.data
     langs = (data.src_lang, data.tgt_lang)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from nmt.config import Config, config_to_dict
 from nmt.device import machine
 from nmt.errors import NmtError
-from nmt.io import read_lines, versions, write_json, write_lines
+from nmt.io import read_lines, start_stage, versions, write_json, write_lines
 from nmt.translate import Translator
 
 # Source-length buckets in words, 0-10 ... 40+: where Bahdanau et al. (2015, Fig. 2) see a fixed
@@ -84,7 +84,7 @@ def evaluate_recipe(config: Config, exp_dir: Path, beam_size: int | None = None,
     precision = translator.precision.record()
     beam = decode.beam_size
     out = exp_dir / "eval"
-    (out / "scores.json").unlink(missing_ok=True)
+    start_stage(out, "scores.json")
     results = {}
     for name in config.data.test:
         src = read_lines(exp_dir / "data" / f"{name}.src")

@@ -8,6 +8,7 @@ per side (`<split>.npz`), which training loads in milliseconds and never touches
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,34 +17,72 @@ import sentencepiece as spm
 
 from nmt.config import Config, config_to_dict, save_config
 from nmt.errors import NmtError
-from nmt.io import atomic_output, read_lines, versions, write_json
+from nmt.io import atomic_output, read_aligned, read_json, start_stage, versions, write_json
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MAX_SPM_SEED = 2**32 - 1  # SentencePiece's seed is an unsigned 32-bit integer
+
+# What SentencePiece's trainer checks, by the words of its message ("INTERNAL: file(line) [the
+# check] text"): the recipe key each check is about, and why in our words.
+_TRAINER_CHECKS = (
+    ("input_sentence_size", "subword.max_sentences",
+     "SentencePiece samples more than 100 sentences (or all of them): use at least 101"),
+    ("character_coverage()", "subword.character_coverage", "SentencePiece takes a coverage from 0.98 to 1"),
+    ("sentences_.empty()", "data.train",
+     "no sentence to train SentencePiece on: every line is empty or longer than 4192 bytes"),
+    ("all_chars_count", "data.train", "no characters to train SentencePiece on"),
+)
 
 
 def train_sentencepiece(lines: list[str], path: Path, config: Config, threads: int = 2) -> None:
-    sub = config.subword
-    spm.set_random_generator_seed(config.train.seed)
+    sub, seed = config.subword, config.train.seed
+    if not 0 <= seed <= MAX_SPM_SEED:
+        raise NmtError(f"train.seed: SentencePiece takes a seed from 0 to {MAX_SPM_SEED}, got {seed}")
+    spm.set_random_generator_seed(seed)
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        model_type=sub.model_type,
-        vocab_size=sub.vocab_size,
-        character_coverage=sub.character_coverage,
-        input_sentence_size=sub.max_sentences,
-        shuffle_input_sentence=True,
-        # A small corpus may not support the requested size: take what it has, don't fail.
-        hard_vocab_limit=False,
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        num_threads=threads,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type=sub.model_type,
+            vocab_size=sub.vocab_size,
+            character_coverage=sub.character_coverage,
+            input_sentence_size=sub.max_sentences,
+            shuffle_input_sentence=True,
+            # A small corpus may not support the requested size: take what it has, don't fail.
+            hard_vocab_limit=False,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            num_threads=threads,
+            minloglevel=2,
+        )
+    except (RuntimeError, ValueError) as err:
+        raise _trainer_error(err, sub, path) from None
     with atomic_output(path, "wb") as f:
         f.write(model.getvalue())
+
+
+def _trainer_error(err: Exception, sub, path: Path) -> NmtError:
+    """SentencePiece's refusal to train, as one line naming the recipe key(s) it is about."""
+    text = str(err).strip()
+    first_line = text.splitlines()[0] if text else type(err).__name__
+    parts = re.match(r"\w+: \S+\(\d+\) \[(?P<check>.*)\] ?(?P<reason>.*)$", first_line)
+    check, reason = (parts["check"], parts["reason"].strip()) if parts else ("", first_line)
+    needed = re.search(r"required_chars\. \d+ vs (\d+)", reason)
+    if needed:
+        return NmtError(
+            f"subword.vocab_size: SentencePiece cannot train {path.name} with {sub.vocab_size} "
+            f"pieces on this corpus: its characters and the 4 specials need at least "
+            f"{needed[1]} (raise subword.vocab_size or lower subword.character_coverage)")
+    for words, key, why in _TRAINER_CHECKS:
+        if words in check:
+            return NmtError(f"{key}: SentencePiece cannot train {path.name}: {why}")
+    return NmtError(
+        f"subword: SentencePiece cannot train {path.name} on this corpus with model_type "
+        f"{sub.model_type}, vocab_size {sub.vocab_size}, character_coverage "
+        f"{sub.character_coverage}: {reason or check}")
 
 
 @dataclass
@@ -120,14 +159,59 @@ class EncodedSplit:
                      tgt_ids=self.tgt_ids, tgt_offsets=self.tgt_offsets)
 
     @classmethod
-    def load(cls, path: Path) -> EncodedSplit:
-        if not Path(path).is_file():
+    def load(cls, path: Path, vocab_size: dict | None = None) -> EncodedSplit:
+        """A split written by `save`. Anything damaged (a truncated or altered file, a missing
+        array, arrays that do not make a split, ids outside `vocab_size` {"src", "tgt"} when
+        given) is one error naming the file, before any of it is used."""
+        path = Path(path)
+        if not path.is_file():
             raise NmtError(f"{path}: encoded split not found; run `nmt spm` first")
         try:
-            with np.load(path) as arrays:
-                return cls(**{k: arrays[k] for k in ("src_ids", "src_offsets", "tgt_ids", "tgt_offsets")})
-        except (OSError, ValueError, KeyError) as err:
-            raise NmtError(f"{path}: corrupt encoded split ({err}); rerun `nmt spm`") from None
+            f = open(path, "rb")
+        except OSError as err:
+            raise NmtError(f"{path}: cannot read ({err.strerror or err})") from None
+        with f:
+            try:  # a damaged zip or .npy header fails numpy in many ways: all are caught below
+                archive = np.load(f)  # never a pickle: allow_pickle is off
+                if not isinstance(archive, np.lib.npyio.NpzFile):
+                    problem = "not an .npz archive"
+                else:
+                    with archive:
+                        missing = [name for name in _SPLIT_ARRAYS if name not in archive.files]
+                        loaded = {name: archive[name] for name in _SPLIT_ARRAYS if name not in missing}
+                    problem = (f"no array {', '.join(missing)}" if missing
+                               else _split_problem(loaded, vocab_size))
+            except Exception as err:
+                text = str(err).strip()
+                problem = text.splitlines()[0][:200] if text else type(err).__name__
+        if problem is not None:
+            raise NmtError(f"{path}: damaged encoded split ({problem}); rerun `nmt spm`")
+        return cls(**{name: loaded[name].astype(np.int64 if name.endswith("offsets") else np.int32,
+                                                copy=False) for name in _SPLIT_ARRAYS})
+
+
+_SPLIT_ARRAYS = ("src_ids", "src_offsets", "tgt_ids", "tgt_offsets")
+
+
+def _split_problem(arrays: dict, vocab_size: dict | None) -> str | None:
+    """What keeps these arrays from being a split, or None: each side's offsets start at 0, never
+    decrease and end at its number of ids, both sides have as many sentences, ids are in range."""
+    for name, array in arrays.items():
+        if not isinstance(array, np.ndarray) or array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            return f"{name} is not a flat integer array"
+    for side in ("src", "tgt"):
+        ids, offsets = arrays[f"{side}_ids"], arrays[f"{side}_offsets"]
+        if len(offsets) == 0 or offsets[0] != 0 or (offsets[1:] < offsets[:-1]).any():
+            return f"{side}_offsets do not start at 0 and rise"
+        if offsets[-1] != len(ids):
+            return f"{side}_offsets end at {offsets[-1]} but {side}_ids holds {len(ids)} ids"
+        limit = vocab_size[side] if vocab_size is not None else 2**31
+        if len(ids) and (ids.min() < 0 or ids.max() >= limit):
+            return f"{side}_ids outside 0..{limit - 1}"
+    if len(arrays["src_offsets"]) != len(arrays["tgt_offsets"]):
+        return (f"{len(arrays['src_offsets']) - 1} source sentences but "
+                f"{len(arrays['tgt_offsets']) - 1} target sentences")
+    return None
 
 
 def output_vocabulary(train: EncodedSplit) -> np.ndarray:
@@ -152,10 +236,24 @@ class OutputVocabulary:
 
     @classmethod
     def of(cls, record: dict, source: Path | str) -> OutputVocabulary:
-        """From a manifest or checkpoint payload (its `vocab_size` and `output_vocab`)."""
-        vocab = cls(record["vocab_size"]["tgt"], _as_ids(record.get("output_vocab")))
-        expected = record["vocab_size"].get("output", vocab.size)
-        if vocab.size != expected or (vocab.pieces and max(vocab.pieces) >= vocab.spm_size):
+        """From a manifest or checkpoint payload (its `vocab_size` and `output_vocab`); one that
+        does not describe an output vocabulary is an error naming `source` and the key."""
+        sizes = record.get("vocab_size")
+        spm_size = sizes.get("tgt") if isinstance(sizes, dict) else None
+        if not _is_int(spm_size) or spm_size <= EOS_ID:
+            raise NmtError(f"{source}: vocab_size.tgt is {spm_size!r}, not a vocabulary size")
+        pieces = record.get("output_vocab")
+        if pieces is not None:
+            if not isinstance(pieces, list) or not all(_is_int(i) for i in pieces):
+                raise NmtError(f"{source}: output_vocab is not a list of SentencePiece ids")
+            pieces = tuple(pieces)
+            # As output_vocabulary() makes it: the specials first, ids rising, all in the model.
+            if (pieces[: EOS_ID + 1] != tuple(range(EOS_ID + 1)) or pieces[-1] >= spm_size
+                    or any(a >= b for a, b in zip(pieces, pieces[1:]))):
+                raise NmtError(f"{source}: output_vocab is not a rising list of ids of the target "
+                               "SentencePiece model, specials first")
+        vocab = cls(spm_size, pieces)
+        if sizes.get("output", vocab.size) != vocab.size:
             raise NmtError(f"{source}: its output vocabulary does not match the model")
         return vocab
 
@@ -182,8 +280,34 @@ class OutputVocabulary:
         return list(self.pieces) if self.pieces is not None else None
 
 
-def _as_ids(pieces) -> tuple[int, ...] | None:
-    return None if pieces is None else tuple(int(i) for i in pieces)
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_manifest(spm_dir: Path, recipe: str) -> dict:
+    """spm/manifest.json with what training reads from it checked (the SentencePiece model files,
+    the vocabulary sizes, the output vocabulary, the splits): missing or damaged is one error
+    naming the file."""
+    path = Path(spm_dir) / "manifest.json"
+    if not path.is_file():
+        raise NmtError(f"{path} not found: run `nmt spm {recipe}` first")
+    try:
+        manifest = read_json(path, "spm manifest")
+        models, sizes = manifest.get("models"), manifest.get("vocab_size")
+        if not isinstance(models, dict) or not isinstance(sizes, dict):
+            raise NmtError(f"{path}: damaged spm manifest (no 'models' or no 'vocab_size')")
+        for side in ("src", "tgt"):
+            name = models.get(side)
+            if not isinstance(name, str) or not name or Path(name).name != name:
+                raise NmtError(f"{path}: damaged spm manifest (models.{side} is not a file name)")
+            if not _is_int(sizes.get(side)) or sizes[side] <= EOS_ID:
+                raise NmtError(f"{path}: damaged spm manifest (vocab_size.{side} is not a size)")
+        OutputVocabulary.of(manifest, path)
+        if not isinstance(manifest.get("splits"), dict):
+            raise NmtError(f"{path}: damaged spm manifest (no 'splits')")
+    except NmtError as err:
+        raise NmtError(f"{err}; rerun `nmt spm {recipe}`") from None
+    return manifest
 
 
 def run_spm_stage(config: Config, exp_dir: Path) -> dict:
@@ -191,12 +315,10 @@ def run_spm_stage(config: Config, exp_dir: Path) -> dict:
     data_dir, out = exp_dir / "data", exp_dir / "spm"
     if not (data_dir / "stats.json").is_file():
         raise NmtError(f"{data_dir}/stats.json not found: run `nmt data {config.name}` first")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.json"
-    manifest_path.unlink(missing_ok=True)  # the stage is complete only once this is rewritten
+    manifest_path = start_stage(out, "manifest.json")  # complete only once this is rewritten
     threads = max(1, config.train.threads or 2)
 
-    train_src, train_tgt = read_lines(data_dir / "train.src"), read_lines(data_dir / "train.tgt")
+    train_src, train_tgt, _ = read_aligned(data_dir / "train.src", data_dir / "train.tgt")
     if config.subword.joint:
         train_sentencepiece(train_src + train_tgt, out / "joint.model", config, threads)
         models = {"src": "joint.model", "tgt": "joint.model"}
@@ -209,8 +331,7 @@ def run_spm_stage(config: Config, exp_dir: Path) -> dict:
     split_names = ["train", "valid", *config.data.test]
     splits = {}
     for name in split_names:
-        src_lines = read_lines(data_dir / f"{name}.src")
-        tgt_lines = read_lines(data_dir / f"{name}.tgt")
+        src_lines, tgt_lines, _ = read_aligned(data_dir / f"{name}.src", data_dir / f"{name}.tgt")
         src_ids, src_offsets = pack(subwords.encode_src(src_lines))
         tgt_ids, tgt_offsets = pack(subwords.encode_tgt(tgt_lines))
         EncodedSplit(src_ids, src_offsets, tgt_ids, tgt_offsets).save(out / f"{name}.npz")

@@ -33,10 +33,17 @@ from nmt.device import autocast, machine, resolve_device, resolve_precision
 from nmt.distributed import World
 from nmt.errors import Interrupted, NmtError
 from nmt.evaluate import score
-from nmt.io import atomic_write_text, exclusive_lock, read_lines, versions, write_json
+from nmt.io import (
+    atomic_write_text,
+    exclusive_lock,
+    read_lines,
+    remove_stale_temps,
+    versions,
+    write_json,
+)
 from nmt.model import Seq2Seq, build_model
 from nmt.search import search_corpus
-from nmt.subword import EncodedSplit, OutputVocabulary, Subwords
+from nmt.subword import EncodedSplit, OutputVocabulary, Subwords, load_manifest
 
 LOG_EVERY = 20  # updates between train records in metrics.jsonl
 MAX_BAD_STEPS = 5  # consecutive non-finite losses or gradients before training stops
@@ -105,13 +112,10 @@ class TrainingData:
 
 def load_training_data(config: Config, exp_dir: Path) -> TrainingData:
     spm_dir = exp_dir / "spm"
-    manifest_path = spm_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise NmtError(f"{manifest_path} not found: run `nmt spm {config.name}` first")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = load_manifest(spm_dir, config.name)
     spm_paths = {side: spm_dir / manifest["models"][side] for side in ("src", "tgt")}
-    vocab = OutputVocabulary.of(manifest, manifest_path)
-    splits = [EncodedSplit.load(spm_dir / f"{name}.npz") for name in ("train", "valid")]
+    vocab = OutputVocabulary.of(manifest, spm_dir / "manifest.json")
+    splits = [EncodedSplit.load(spm_dir / f"{name}.npz", manifest["vocab_size"]) for name in ("train", "valid")]
     for split in splits:
         split.tgt_ids = vocab.to_output(split.tgt_ids)
     return TrainingData(splits[0], splits[1], read_lines(exp_dir / "data" / "valid.tgt"), exp_dir / "data" / "valid.src",
@@ -201,7 +205,7 @@ class Trainer:
             save_checkpoint(self.out / name, payload)
 
     def resume(self, path: Path) -> None:
-        payload = load_checkpoint(path)
+        payload = load_checkpoint(path, resume=True)
         if payload["config"]["model"] != config_to_dict(self.config)["model"]:
             raise NmtError(
                 f"{path}: was trained with a different model section; use another --exp directory "
@@ -478,6 +482,8 @@ def start_or_resume(trainer: Trainer) -> None:
     out, config = trainer.out, trainer.config
     main = trainer.world.is_main
     metrics_path = out / "metrics.jsonl"
+    if main:
+        remove_stale_temps(out)  # a killed run's half-written checkpoint
     if (out / "last.pt").is_file():
         trainer.resume(out / "last.pt")
         trainer.log(f"resuming from {out / 'last.pt'} at step {trainer.progress.step}")
