@@ -29,6 +29,7 @@ class TestSet:
     name: str
     src: list[str]
     refs: list[str]
+    src_path: Path  # for warnings that name a line
 
 
 @dataclass
@@ -89,7 +90,7 @@ def labels_of(exp_dirs: list[Path]) -> list[str]:
 def decode_test_set(translator: Translator, decode: DecodeConfig, test: TestSet,
                     hyp_path: Path) -> tuple[Decoding, list[Hypothesis], list[str]]:
     started = time.perf_counter()
-    hyps = [nbest[0] for nbest in translator.search(test.src, decode)]
+    hyps = [nbest[0] for nbest in translator.search(test.src, decode, origin=(str(test.src_path), 1))]
     seconds = time.perf_counter() - started
     texts = [translator.detokenize(h) for h in hyps]
     atomic_write_text(hyp_path, "".join(t + "\n" for t in texts))
@@ -126,7 +127,7 @@ def run_compare(exp_dirs: list[Path], out: Path, edges: Sequence[int] = LENGTH_E
                        + ", ".join(f"{exp_dir} {pair}" for exp_dir, pair in pairs.items()))
     test_name = next(iter(summaries[0]["config"]["data"]["test"]))
     src_path = exp_dirs[0] / "data" / f"{test_name}.src"  # one test set for all
-    test = TestSet(test_name, read_lines(src_path), read_lines(src_path.with_suffix(".tgt")))
+    test = TestSet(test_name, read_lines(src_path), read_lines(src_path.with_suffix(".tgt")), src_path)
     (out / "report.md").unlink(missing_ok=True)
     for stale in (out / "attention").glob("*.png"):
         stale.unlink()

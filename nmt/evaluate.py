@@ -89,7 +89,7 @@ def evaluate_recipe(config: Config, exp_dir: Path, beam_size: int | None = None,
     for name in config.data.test:
         src = read_lines(exp_dir / "data" / f"{name}.src")
         ref = read_lines(exp_dir / "data" / f"{name}.tgt")
-        hyps = translator.translate(src)
+        hyps = translator.translate(src, origin=(str(exp_dir / "data" / f"{name}.src"), 1))
         write_lines(out / f"{name}.hyp", hyps)
         scores = score(hyps, [ref])
         record = {

@@ -131,7 +131,7 @@ def _open_file_link(path: Path) -> bool:
 
 def _create_temp(target: Path) -> tuple[Path, _RawOutput]:
     """A new temporary file next to `target`, named after it and after this process."""
-    stem = os.fsdecode(os.fsencode(target.name)[:_NAME_BYTES])
+    stem = _temp_stem(target.name)
     while True:
         tmp = target.parent / f".{stem}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
         try:  # 0o666: the umask applies, so a new output gets the usual permissions
@@ -139,6 +139,10 @@ def _create_temp(target: Path) -> tuple[Path, _RawOutput]:
         except FileExistsError:  # pragma: no cover - 32 random bits taken already
             continue
         return tmp, _RawOutput(fd, "w")
+
+
+def _temp_stem(name: str) -> str:
+    return os.fsdecode(os.fsencode(name)[:_NAME_BYTES])
 
 
 def _discard(f, raw: _RawOutput | None, tmp: Path | None) -> None:
@@ -167,9 +171,10 @@ def _sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temps(directory: Path) -> int:
-    """Remove our temporary files in `directory` whose writer is no longer running (killed, or the
-    machine rebooted); a writer still running keeps its file. Returns how many were removed."""
+def remove_stale_temps(directory: Path, name: str | None = None) -> int:
+    """Remove our temporary files in `directory` (only those for the file `name`, if given) whose
+    writer is no longer running (killed, or the machine rebooted); a writer still running keeps
+    its file. Returns how many were removed."""
     try:
         entries = list(os.scandir(directory))
     except (FileNotFoundError, NotADirectoryError):
@@ -179,7 +184,7 @@ def remove_stale_temps(directory: Path) -> int:
     removed = 0
     for entry in entries:
         match = _TEMP_NAME.fullmatch(entry.name)
-        if match is None or entry.is_dir(follow_symlinks=False):
+        if match is None or entry.is_dir(follow_symlinks=False) or (name is not None and match["name"] != _temp_stem(name)):
             continue
         pid = int(match["pid"])
         if pid > _MAX_PID or _alive(pid):
