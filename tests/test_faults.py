@@ -408,3 +408,13 @@ def test_evaluate_decodes_with_the_recipe_and_records_it(trained_exp, tmp_path):
     assert record["decode"]["beam_size"] == 2 and record["decode"]["max_len_b"] == 2
     hyps = (work / "eval" / "test.hyp").read_text().splitlines()
     assert hyps and all(len(h.split()) <= 1 for h in hyps)  # at most one piece: at most one word
+
+
+def test_a_model_too_big_for_memory_is_one_line_naming_the_section(tiny_exp, capsys):
+    """Sizes that pass validation but not the machine: a 4-TiB recurrent weight."""
+    _, exp = tiny_exp
+    overrides = [a for o in [*TINY_OVERRIDES, "model.hidden_size=1000000000"] for a in ("--set", o)]
+    assert main(["train", "de-en", "--exp", str(exp), *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("nmt train: error: model: the model does not fit in memory (a tensor of ")
+    assert not (exp / "model" / "last.pt").exists()
