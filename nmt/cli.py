@@ -29,6 +29,8 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 def _load(args):
     config = load_recipe(args.recipe, args.overrides)
+    if getattr(args, "init_from", None) is not None:  # train.init_from, whatever YAML would make of the path
+        config.train.init_from = str(args.init_from)
     exp_dir = args.exp if args.exp is not None else Path("exp") / config.name
     return config, exp_dir
 
@@ -50,6 +52,12 @@ def cmd_spm(args) -> None:
     config, exp_dir = _load(args)
     manifest = run_spm_stage(config, exp_dir)
     sizes = manifest["vocab_size"]
+    if manifest["init_from"]:
+        print(f"SentencePiece models and output vocabulary of {manifest['init_from']['path']} (the recipe's "
+              "keys for training SentencePiece are not used)")
+    if manifest["unk_targets"]:
+        print(f"warning: {manifest['unk_targets']} target pieces of the training split are not in the "
+              "output vocabulary: they train as unk")
     print(f"SentencePiece vocab: src {sizes['src']}, tgt {sizes['tgt']}; output layer {sizes['output']}")
     for split, s in manifest["splits"].items():
         print(f"{split}: {s['pairs']} pairs, {s['src_tokens']} src / {s['tgt_tokens']} tgt pieces")
@@ -73,10 +81,12 @@ def cmd_evaluate(args) -> None:
     if args.recipe is None:
         if not args.hyp or not args.ref:
             raise NmtError("nmt evaluate: give a RECIPE, or --hyp FILE and --ref FILE")
+        if args.model:
+            raise NmtError("--model decodes a recipe's test sets: give a RECIPE")
         results = {"hyp": evaluate_files(args.hyp, args.ref)}
     else:
         config, exp_dir = _load(args)
-        results = evaluate_recipe(config, exp_dir, beam_size=args.beam, device=args.device)
+        results = evaluate_recipe(config, exp_dir, beam_size=args.beam, device=args.device, models=args.model)
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     else:
@@ -108,10 +118,21 @@ def cmd_translate(args) -> None:
     from nmt.translate import translate_stream
 
     translate_stream(
-        model=args.model, input_path=args.input, output_path=args.output, beam_size=args.beam,
+        models=args.model, input_path=args.input, output_path=args.output, beam_size=args.beam,
         batch_size=args.batch_size, nbest=args.nbest, alignments=args.alignments,
         device=args.device, precision=args.precision,
     )
+
+
+def cmd_average(args) -> None:
+    from nmt.average import run_average
+
+    averaged = run_average(args.checkpoints, args.output, last=args.last, best=args.best)
+    print(f"averaged {len(averaged)} checkpoints:")
+    for source in averaged:
+        bleu = f"valid BLEU {source['valid_bleu']:.2f}" if source["valid_bleu"] is not None else "no valid BLEU"
+        print(f"  {source['path']}  step {source['step']}  {bleu}")
+    print(f"wrote {args.output}")
 
 
 DEVICE_HELP = "auto | cpu | cuda | cuda:N: where to decode (default auto: a GPU if there is one)"
@@ -136,10 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("spm", help="train SentencePiece and encode every split")
     _recipe_args(p)
+    p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                   help="take this checkpoint's SentencePiece models and output vocabulary instead of "
+                        "training new ones, to fine-tune it (train.init_from)")
     p.set_defaults(func=cmd_spm)
 
     p = sub.add_parser("train", help="train (or resume) the recipe's model")
     _recipe_args(p)
+    p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                   help="fine-tune: start from this checkpoint's weights (or an experiment's best.pt) "
+                        "with a fresh optimizer, schedule and step count; run `nmt spm` with it first. "
+                        "A run that has a last.pt resumes instead (train.init_from)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="decode the recipe's test sets and score them, or score files")
@@ -151,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=None, help="beam size (default: the recipe's)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--model", type=Path, action="append", default=None,
+                   help="checkpoint or experiment directory to decode with (default: the experiment's "
+                        "own); repeat it to decode with an ensemble")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="decode one test set with trained experiments: report, plots",
@@ -169,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("translate", help="translate raw text line by line")
-    p.add_argument("--model", required=True, type=Path, help="experiment directory or checkpoint")
+    p.add_argument("--model", required=True, type=Path, action="append",
+                   help="experiment directory or checkpoint; repeat it to decode with an ensemble "
+                        "(probabilities averaged; the first model's decode settings)")
     p.add_argument("-i", "--input", type=Path, help="input file (default: stdin)")
     p.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
     p.add_argument("--beam", type=int, default=None, help="beam size (default: the recipe's)")
@@ -181,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 or fp32 matrix products; auto: bf16 where the hardware has it "
                         "(default: the checkpoint's decode.precision)")
     p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("average", help="average the weights of checkpoints into one",
+                       description="Average the weights of an experiment's kept step checkpoints "
+                                   "(train.keep_checkpoints), the K newest or the K best by validation "
+                                   "BLEU, or of checkpoint files of one model, into one checkpoint for "
+                                   "nmt translate and nmt evaluate --model.")
+    p.add_argument("checkpoints", nargs="+", type=Path, metavar="EXP_OR_CHECKPOINT",
+                   help="an experiment directory (with --last or --best), or checkpoint files")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--last", type=int, metavar="K", help="the K newest kept step checkpoints")
+    which.add_argument("--best", type=int, metavar="K", help="the K kept step checkpoints best by valid BLEU")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the averaged checkpoint to write")
+    p.set_defaults(func=cmd_average)
     return parser
 
 

@@ -85,6 +85,11 @@ class SubwordConfig:
     character_coverage: float = setting(1.0, ("must be between 0.98 and 1", lambda v: 0.98 <= v <= 1))
     max_sentences: int = setting(1_000_000, ("must be more than 100", lambda v: v > 100))  # sampled to train SentencePiece
     restrict_target: bool = True  # output layer over the pieces seen in training targets only
+    # Subword regularization (0 = off): the training split is segmented anew every epoch, sampled.
+    # unigram: alpha is the sharpness of the sampling distribution; bpe: the merge-dropout probability.
+    sampling_alpha: float = setting(0.0, NON_NEGATIVE)
+    # unigram: sample among each word's n best segmentations (SentencePiece's limit: 512), or all (-1)
+    sampling_nbest: int = setting(-1, ("must be -1 (all) or from 2 to 512", lambda v: v == -1 or 2 <= v <= 512))
 
 
 @dataclass
@@ -130,9 +135,16 @@ class TrainConfig:
     valid_every: int = setting(400, POSITIVE)  # updates between validations (loss + greedy BLEU)
     patience: int = setting(4, NON_NEGATIVE)  # validations without a better BLEU; 0 = never stop
     checkpoint_every: int = setting(100, POSITIVE)  # updates between writes of last.pt
+    # each validation also writes model/step-<step>.pt; this many are kept (0 = none), for `nmt average`
+    keep_checkpoints: int = setting(0, NON_NEGATIVE)
+    keep_by: str = setting("last", choices=("last", "best"))  # the newest, or the best by valid BLEU
+    # exponential moving average of the weights (0 = off): validation, best.pt and step checkpoints
+    # use it. Below 1, or the average would never move.
+    ema_decay: float = setting(0.0, FRACTION)
     max_len: int = setting(100, POSITIVE)  # training pairs longer than this (subwords) are skipped
     precision: str = setting("auto", choices=PRECISIONS)
     compile: bool = False  # torch.compile the decoder step of training (fuses its small ops)
+    init_from: str | None = None  # fine-tuning: a checkpoint (or experiment) whose weights and subwords to start from
 
 
 @dataclass
@@ -412,3 +424,8 @@ def validate(config: Config, source: str) -> None:
         fail("model.input_feeding", "input feeding needs an attention model (attention is 'none')")
     if model.tie_embeddings and model.output_size != model.embed_size:
         fail("model.tie_embeddings", "needs model.output_size equal to model.embed_size")
+    sub = config.subword
+    if sub.model_type == "bpe" and sub.sampling_alpha >= 1:
+        fail("subword.sampling_alpha", f"is BPE-dropout's probability of skipping a merge: must be below 1, got {sub.sampling_alpha}")
+    if sub.model_type == "bpe" and sub.sampling_nbest != -1:
+        fail("subword.sampling_nbest", f"BPE-dropout has no n-best list: leave it at -1, got {sub.sampling_nbest}")

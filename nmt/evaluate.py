@@ -75,12 +75,14 @@ def format_scores(name: str, scores: dict) -> str:
             f"({scores['sentences']} sentences; {scores['bleu_signature']})")
 
 
-def evaluate_recipe(config: Config, exp_dir: Path, beam_size: int | None = None, device: str = "auto") -> dict:
+def evaluate_recipe(config: Config, exp_dir: Path, beam_size: int | None = None, device: str = "auto",
+                    models: list[Path] | None = None) -> dict:
     """Decode every test set with the recipe's decode settings (not the checkpoint's) and
     `beam_size` if given; write eval/<name>.{hyp,json} (with BLEU by source length) and
-    eval/scores.json (written last: it marks the stage complete)."""
+    eval/scores.json (written last: it marks the stage complete). `models` (checkpoints or
+    experiment directories; several: an ensemble) decode instead of the experiment's own."""
     decode = dataclasses.replace(config.decode, beam_size=beam_size or config.decode.beam_size)
-    translator = Translator.from_path(exp_dir, device=device, decode=decode)
+    translator = Translator.from_paths(models or [exp_dir], device=device, decode=decode)
     precision = translator.precision.record()
     beam = decode.beam_size
     out = exp_dir / "eval"
@@ -94,12 +96,12 @@ def evaluate_recipe(config: Config, exp_dir: Path, beam_size: int | None = None,
         scores = score(hyps, [ref])
         record = {
             "test_set": name, **scores, "by_length": bleu_by_length(src, hyps, ref),
-            "beam_size": beam, "checkpoint": str(translator.path),
-            "checkpoint_step": translator.step, "decode": dataclasses.asdict(decode),
+            "beam_size": beam, **translator.checkpoint_record(), "decode": dataclasses.asdict(decode),
             "precision": precision, "machine": machine(), "versions": versions(),
         }
         write_json(out / f"{name}.json", record)
         results[name] = scores
-    write_json(out / "scores.json", {"scores": results, "beam_size": beam, "precision": precision,
-                                     "config": config_to_dict(config), "versions": versions()})
+    write_json(out / "scores.json", {"scores": results, "beam_size": beam, **translator.checkpoint_record(),
+                                     "precision": precision, "config": config_to_dict(config),
+                                     "versions": versions()})
     return results

@@ -2,7 +2,10 @@
 
 The SentencePiece model is the vocabulary: ids 0-3 are fixed (pad, unk, bos, eos) so that a model
 checkpoint and its .model file always agree. Splits are stored as one flat int32 array plus offsets
-per side (`<split>.npz`), which training loads in milliseconds and never touches text again.
+per side (`<split>.npz`), which training loads in milliseconds and never touches text again;
+except with subword regularization (subword.sampling_alpha), where `SplitSampler` segments the
+training text anew for every epoch (nmt.regularization). With train.init_from the spm stage trains
+no model: it takes the checkpoint's models and output vocabulary (nmt.finetune).
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from nmt.config import Config, config_to_dict, save_config
+from nmt.config import Config, SubwordConfig, config_to_dict, save_config
 from nmt.errors import NmtError
 from nmt.io import atomic_output, read_aligned, read_json, start_stage, versions, write_json
+from nmt.regularization import Segmenter, possible_pieces
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MAX_SPM_SEED = 2**32 - 1  # SentencePiece's seed is an unsigned 32-bit integer
+SAMPLING_STREAM = 0x5EC7  # keeps the segmentation's random stream apart from the batches' (seed, epoch)
 
 # What SentencePiece's trainer checks, by the words of its message ("INTERNAL: file(line) [the
 # check] text"): the recipe key each check is about, and why in our words.
@@ -284,6 +289,50 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+class SplitSampler:
+    """Subword regularization: the training split segmented anew for every epoch, from the raw
+    text of the data stage and the spm stage's models, targets in output ids. The same train.seed
+    and epoch always give the same split, so a resumed run re-derives its epoch exactly."""
+
+    def __init__(self, data_dir: Path, subwords: Subwords, vocab: OutputVocabulary, model_type: str,
+                 sub: SubwordConfig, encoded: EncodedSplit):
+        """`encoded`: train.npz as the spm stage wrote it (SentencePiece ids), which unsampled
+        segmentations must reproduce, line for line."""
+        lines = read_aligned(data_dir / "train.src", data_dir / "train.tgt")[:2]
+        if len(lines[0]) != len(encoded):
+            raise NmtError(f"{data_dir / 'train.src'}: {len(lines[0])} pairs, but the spm stage encoded "
+                           f"{len(encoded)}: rerun `nmt spm`")
+        self.vocab, self.sides = vocab, []
+        for side, text, processor in zip(("src", "tgt"), lines, (subwords.src, subwords.tgt)):
+            segmenter = Segmenter(text, processor, model_type, sub.sampling_alpha, sub.sampling_nbest)
+            line = segmenter.first_difference(getattr(encoded, f"{side}_ids"), getattr(encoded, f"{side}_offsets"))
+            if line is not None:
+                raise NmtError(f"{data_dir / f'train.{side}'}:{line + 1}: nmt's sampler, unsampled, segments "
+                               "this line otherwise than SentencePiece: subword.sampling_alpha cannot be "
+                               "used with this SentencePiece model")
+            self.sides.append(segmenter)
+
+    def sample(self, seed: int, epoch: int) -> EncodedSplit:
+        rng = np.random.default_rng([seed, epoch, SAMPLING_STREAM])
+        (src_ids, src_offsets), (tgt_ids, tgt_offsets) = (side.sample(rng) for side in self.sides)
+        return EncodedSplit(src_ids, src_offsets, self.vocab.to_output(tgt_ids), tgt_offsets)
+
+    @classmethod
+    def for_training(cls, config: Config, exp_dir: Path, manifest: dict, subwords: Subwords,
+                     vocab: OutputVocabulary, encoded: EncodedSplit) -> SplitSampler | None:
+        """The sampler when subword.sampling_alpha is on (else None), refused when the spm stage
+        made an output vocabulary that sampled targets would fall out of (a checkpoint's, with
+        train.init_from, is the model's own: what it lacks trains as unk)."""
+        if config.subword.sampling_alpha == 0:
+            return None
+        if vocab.pieces is not None and not manifest.get("output_vocab_sampled") and not manifest.get("init_from"):
+            raise NmtError(f"{exp_dir / 'spm' / 'manifest.json'}: the output vocabulary holds only the pieces "
+                           "of the unsampled training targets: rerun `nmt spm` with subword.sampling_alpha "
+                           "set, so that it holds every piece a sampled target can")
+        return cls(exp_dir / "data", subwords, vocab, manifest.get("model_type", config.subword.model_type),
+                   config.subword, encoded)
+
+
 def load_manifest(spm_dir: Path, recipe: str) -> dict:
     """spm/manifest.json with what training reads from it checked (the SentencePiece model files,
     the vocabulary sizes, the output vocabulary, the splits): missing or damaged is one error
@@ -311,15 +360,24 @@ def load_manifest(spm_dir: Path, recipe: str) -> dict:
 
 
 def run_spm_stage(config: Config, exp_dir: Path) -> dict:
-    """Train SentencePiece on the cleaned training split and encode every split."""
+    """Train SentencePiece on the cleaned training split (or take train.init_from's models) and
+    encode every split."""
     data_dir, out = exp_dir / "data", exp_dir / "spm"
     if not (data_dir / "stats.json").is_file():
         raise NmtError(f"{data_dir}/stats.json not found: run `nmt data {config.name}` first")
+    init = None
+    if config.train.init_from:  # refused (e.g. another architecture) before the stage starts
+        from nmt.finetune import load_init  # reads a checkpoint: torch, which only this needs
+
+        init = load_init(config)
     manifest_path = start_stage(out, "manifest.json")  # complete only once this is rewritten
     threads = max(1, config.train.threads or 2)
 
     train_src, train_tgt, _ = read_aligned(data_dir / "train.src", data_dir / "train.tgt")
-    if config.subword.joint:
+    init_from, model_type = None, config.subword.model_type
+    if init is not None:
+        models, output_vocab, model_type, init_from = _take_checkpoint_subwords(*init, out)
+    elif config.subword.joint:
         train_sentencepiece(train_src + train_tgt, out / "joint.model", config, threads)
         models = {"src": "joint.model", "tgt": "joint.model"}
     else:
@@ -341,18 +399,46 @@ def run_spm_stage(config: Config, exp_dir: Path) -> dict:
             "tgt_tokens": int(tgt_offsets[-1]),
         }
 
-    output_vocab = None
-    if config.subword.restrict_target:
-        output_vocab = output_vocabulary(EncodedSplit.load(out / "train.npz")).tolist()
+    train = EncodedSplit.load(out / "train.npz")
+    sampling = config.subword.sampling_alpha > 0
+    if init_from is None:
+        output_vocab = None
+        if config.subword.restrict_target:
+            pieces = output_vocabulary(train)
+            if sampling:  # and every piece that a sampled segmentation of the targets can hold
+                pieces = np.union1d(pieces, possible_pieces(train_tgt, subwords.tgt))
+            output_vocab = pieces.tolist()
     save_config(config, out / "config.yaml")
     manifest = {
         "models": models,
+        "model_type": model_type,
         "vocab_size": {"src": subwords.src.get_piece_size(), "tgt": subwords.tgt.get_piece_size(),
                        "output": len(output_vocab) if output_vocab else subwords.tgt.get_piece_size()},
         "output_vocab": output_vocab,
+        # the output vocabulary holds every piece of sampled training targets (subword.sampling_alpha)
+        "output_vocab_sampled": init_from is None and sampling,
+        "init_from": init_from,
+        # target pieces of the training split that train as unk (a checkpoint's vocabulary may lack them)
+        "unk_targets": int((~np.isin(train.tgt_ids, output_vocab)).sum()) if output_vocab else 0,
         "splits": splits,
         "config": config_to_dict(config),
         "versions": versions(),
     }
     write_json(manifest_path, manifest)
     return manifest
+
+
+def _take_checkpoint_subwords(checkpoint: Path, payload: dict, out: Path) -> tuple[dict, list | None, str, dict]:
+    """train.init_from: the checkpoint's SentencePiece models written into `out`, and its output
+    vocabulary, model type and record (path, step), so that the run's vocabularies are its own."""
+    from nmt.finetune import init_record
+
+    models = ({"src": "joint.model", "tgt": "joint.model"} if payload["spm"]["src"] == payload["spm"]["tgt"]
+              else {"src": "src.model", "tgt": "tgt.model"})
+    for side, name in models.items():
+        with atomic_output(out / name, "wb") as f:
+            f.write(payload["spm"][side])
+    vocab = OutputVocabulary.of(payload, checkpoint)
+    subword = payload["config"].get("subword")
+    model_type = subword.get("model_type", "unigram") if isinstance(subword, dict) else "unigram"
+    return models, vocab.record(), model_type, init_record(checkpoint, payload)

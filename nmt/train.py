@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from nmt import distributed
+from nmt.average import EMA, keep_step_checkpoint, restore_kept
 from nmt.batches import Batch, collate, token_batches
 from nmt.checkpoint import load_checkpoint, load_state, save_checkpoint
 from nmt.config import Config, TrainConfig, config_to_dict, save_config
@@ -33,6 +34,7 @@ from nmt.device import autocast, machine, resolve_device, resolve_precision
 from nmt.distributed import World
 from nmt.errors import Interrupted, NmtError
 from nmt.evaluate import score
+from nmt.finetune import init_weights
 from nmt.io import (
     atomic_write_text,
     exclusive_lock,
@@ -43,7 +45,7 @@ from nmt.io import (
 )
 from nmt.model import Seq2Seq, build_model
 from nmt.search import search_corpus
-from nmt.subword import EncodedSplit, OutputVocabulary, Subwords, load_manifest
+from nmt.subword import EncodedSplit, OutputVocabulary, SplitSampler, Subwords, load_manifest
 
 LOG_EVERY = 20  # updates between train records in metrics.jsonl
 MAX_BAD_STEPS = 5  # consecutive non-finite losses or gradients before training stops
@@ -108,6 +110,7 @@ class TrainingData:
     vocab: OutputVocabulary
     spm_paths: dict[str, Path]  # src/tgt SentencePiece model files, copied into checkpoints
     vocab_size: dict  # the manifest's vocab_size: src, tgt, output
+    sampler: SplitSampler | None = None  # subword regularization: `train` segmented anew each epoch
 
 
 def load_training_data(config: Config, exp_dir: Path) -> TrainingData:
@@ -116,11 +119,12 @@ def load_training_data(config: Config, exp_dir: Path) -> TrainingData:
     spm_paths = {side: spm_dir / manifest["models"][side] for side in ("src", "tgt")}
     vocab = OutputVocabulary.of(manifest, spm_dir / "manifest.json")
     splits = [EncodedSplit.load(spm_dir / f"{name}.npz", manifest["vocab_size"]) for name in ("train", "valid")]
+    subwords = Subwords.load(spm_paths["src"], spm_paths["tgt"])
+    sampler = SplitSampler.for_training(config, exp_dir, manifest, subwords, vocab, splits[0])
     for split in splits:
         split.tgt_ids = vocab.to_output(split.tgt_ids)
     return TrainingData(splits[0], splits[1], read_lines(exp_dir / "data" / "valid.tgt"), exp_dir / "data" / "valid.src",
-                        Subwords.load(spm_paths["src"], spm_paths["tgt"]), vocab, spm_paths,
-                        manifest["vocab_size"])
+                        subwords, vocab, spm_paths, manifest["vocab_size"], sampler)
 
 
 def build_optimizer(model: Seq2Seq, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -167,7 +171,9 @@ class Trainer:
             torch.manual_seed(t.seed + self.world.rank)  # its own dropout masks on every rank
         self.optimizer = build_optimizer(self.model, t, self.device)
         self.scheduler = build_scheduler(t, self.optimizer)
+        self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.progress = Progress()
+        self.init_from: dict | None = None  # fine-tuning: the checkpoint it started from, and its step
 
     def log(self, text: str) -> None:
         """The one way training talks: a line on stdout from rank 0, below the progress bar."""
@@ -179,15 +185,14 @@ class Trainer:
         path = self.out / name
         return f"{path} keeps the last good state" if path.is_file() else f"no {name} was written yet"
 
-    def payload(self) -> dict:
+    def weights_payload(self) -> dict:
+        """What best.pt and the step checkpoints hold, all that translation needs: the weights
+        validation scores (the EMA's, with train.ema_decay), the recipe and the SentencePiece models."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "ranks": distributed.gather_objects(self.world, (torch.get_rng_state(), random.getstate()))},
+            "model": self.ema.weights(self.model) if self.ema is not None else self.model.state_dict(),
             "progress": asdict(self.progress),
             "config": config_to_dict(self.config),
+            "init_from": self.init_from,
             "spm": {side: path.read_bytes() for side, path in self.data.spm_paths.items()},
             "spm_paths": {side: str(path) for side, path in self.data.spm_paths.items()},
             "vocab_size": {**self.data.vocab_size, "output": self.data.vocab.size},
@@ -196,13 +201,43 @@ class Trainer:
             "versions": versions(),
         }
 
-    def save(self, name: str) -> None:
+    def payload(self) -> dict:
+        """What last.pt holds: the whole state of the run, for an exact resume (the raw weights)."""
+        return {
+            **self.weights_payload(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "ranks": distributed.gather_objects(self.world, (torch.get_rng_state(), random.getstate()))},
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def check_finite(self, name: str) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             raise NmtError(f"parameters became NaN/inf at step {self.progress.step}; {self.last_good(name)} "
                            "(try a lower train.lr or train.clip_norm)")
+
+    def save(self, name: str) -> None:
+        self.check_finite(name)
         payload = self.payload()  # every rank takes part (its RNG state); rank 0 writes
         if self.world.is_main:
             save_checkpoint(self.out / name, payload)
+
+    def save_validated(self, bleu: float, best: bool) -> None:
+        """The weights just validated, with their BLEU: best.pt if `best`, and the step checkpoint
+        train.keep_checkpoints asks for. Rank 0 writes (there is no RNG state to gather)."""
+        t = self.config.train
+        if not (best or t.keep_checkpoints):
+            return
+        self.check_finite("best.pt")  # on every rank, so that all stop together
+        if not self.world.is_main:
+            return
+        payload = {**self.weights_payload(), "validation": {"step": self.progress.step, "valid_bleu": bleu}}
+        if best:
+            save_checkpoint(self.out / "best.pt", payload)
+        if t.keep_checkpoints:
+            keep_step_checkpoint(self.out, payload, t)
 
     def resume(self, path: Path) -> None:
         payload = load_checkpoint(path, resume=True)
@@ -227,6 +262,19 @@ class Trainer:
         torch.set_rng_state(torch_state)
         random.setstate(_as_tuple(python_state))
         self.progress = Progress(**payload["progress"])
+        self.init_from = payload.get("init_from")  # a fine-tune resumes: its start is not re-applied
+        if self.ema is not None:  # a run without one starts its average from the weights resumed
+            self.ema = EMA(self.model, self.config.train.ema_decay)
+            if payload.get("ema") is not None:
+                self.ema.load_state_dict(payload["ema"], path)
+
+    def start_from(self) -> None:
+        """Fine-tuning (train.init_from): the checkpoint's weights, with this run's fresh optimizer,
+        schedule and step count (nmt.finetune)."""
+        weights, self.init_from, checkpoint = init_weights(self.config, self.data.spm_paths, self.data.vocab.record())
+        load_state(self.model, weights, checkpoint)
+        if self.ema is not None:  # the average starts from the weights fine-tuning starts from
+            self.ema = EMA(self.model, self.config.train.ema_decay)
 
 
 def _as_tuple(value):
@@ -267,6 +315,8 @@ def training_loop(trainer: Trainer, metrics, stop: dict) -> bool:
     done = should_stop(trainer, clock.over_budget())  # a resumed run that had stopped stays stopped
     trainer.forward_model.train()
     while not (done or stopping) and p.epoch < t.max_epochs:
+        if trainer.data.sampler is not None:  # subword regularization: this epoch's segmentation
+            trainer.data.train = trainer.data.sampler.sample(t.seed, p.epoch)
         batches = token_batches(trainer.data.train, t.batch_tokens, t.seed, p.epoch, t.max_len)
         usable = len(batches) - len(batches) % world.size  # every rank takes the same number
         bar = tqdm(total=usable, initial=p.batch_in_epoch, desc=f"epoch {p.epoch + 1}", unit="batch",
@@ -287,6 +337,8 @@ def training_loop(trainer: Trainer, metrics, stop: dict) -> bool:
                     trainer.save("last.pt")
                 continue
             bad_steps = 0
+            if trainer.ema is not None:
+                trainer.ema.update(trainer.model)
             p.step += 1
             p.tokens += all_tokens
             seconds = time.perf_counter() - started
@@ -425,25 +477,29 @@ def warn_long_valid_lines(trainer: Trainer, shown: int = 5) -> None:
 
 
 def validate_on_main(trainer: Trainer) -> dict:
-    """Validate on rank 0 and share its BLEU, so that every rank keeps the same best-model,
-    schedule and early-stopping bookkeeping."""
+    """Validate on rank 0 (the EMA's weights, with train.ema_decay) and share its BLEU, so that
+    every rank keeps the same best-model, schedule and early-stopping bookkeeping."""
     started = time.perf_counter()
-    result = validate(trainer) if trainer.world.is_main else {}
+    main = trainer.world.is_main
+    averaged = main and trainer.ema is not None
+    with trainer.ema.applied(trainer.model) if averaged else contextlib.nullcontext():
+        result = validate(trainer) if main else {}
     result["valid_bleu"] = distributed.broadcast_float(trainer.world, result.get("valid_bleu", 0.0), trainer.device)
     result["valid_seconds"] = time.perf_counter() - started
     return result
 
 
 def record_validation(trainer: Trainer, metrics, result: dict) -> None:
-    """Keep the best: best.pt when the BLEU improved, the count towards early stopping; the record."""
+    """Keep the best: best.pt when the BLEU improved, the step checkpoints, the count towards early
+    stopping; the record."""
     p, world = trainer.progress, trainer.world
     p.validated_step = p.step
     improved = result["valid_bleu"] > p.best_bleu
     if improved:
         p.best_bleu, p.best_step, p.bad_validations = result["valid_bleu"], p.step, 0
-        trainer.save("best.pt")
     else:
         p.bad_validations += 1
+    trainer.save_validated(result["valid_bleu"], best=improved)
     if world.is_main:
         lr = trainer.optimizer.param_groups[0]["lr"]
         seconds = result.pop("valid_seconds")
@@ -487,11 +543,21 @@ def start_or_resume(trainer: Trainer) -> None:
     if (out / "last.pt").is_file():
         trainer.resume(out / "last.pt")
         trainer.log(f"resuming from {out / 'last.pt'} at step {trainer.progress.step}")
+        started = trainer.init_from["path"] if trainer.init_from else None
+        if config.train.init_from and not (started and Path(started).is_relative_to(Path(config.train.init_from).resolve())):
+            trainer.log(f"train.init_from is not applied: the run in {out} resumes as it started "
+                        f"(from {started or 'scratch'}); fine-tune in another --exp directory")
         if main:
             _truncate_metrics(metrics_path, trainer.progress.step)
-    elif main:
-        metrics_path.unlink(missing_ok=True)
+    else:
+        if config.train.init_from:  # fine-tuning; a resume (above) never re-applies it
+            trainer.start_from()
+            trainer.log(f"fine-tuning from {trainer.init_from['path']} (its step {trainer.init_from['step']}): "
+                        "fresh optimizer, schedule and step count")
+        if main:
+            metrics_path.unlink(missing_ok=True)
     if main:
+        restore_kept(out, trainer.progress.step, config.train)  # step checkpoints as of that step
         (out / "summary.json").unlink(missing_ok=True)
         save_config(config, out / "config.yaml")
     world = f", {trainer.world.size} processes" if trainer.world.active else ""
@@ -547,7 +613,7 @@ def write_summary(trainer: Trainer) -> dict:
         "train_seconds": p.train_seconds, "wall_seconds": p.wall_seconds, "target_tokens": p.tokens,
         "tokens_per_second": p.tokens / max(p.train_seconds, 1e-9),
         "num_parameters": trainer.model.num_parameters(), "processes": trainer.world.size,
-        "precision": trainer.precision.record(), "machine": machine(),
+        "precision": trainer.precision.record(), "machine": machine(), "init_from": trainer.init_from,
         "config": config_to_dict(config), "versions": versions(),
     }
     if trainer.world.is_main:

@@ -10,7 +10,7 @@ import select
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
@@ -20,11 +20,17 @@ from nmt.align import hard_alignment, merge_attention, words_of
 from nmt.checkpoint import find_checkpoint, load_checkpoint, load_state
 from nmt.config import DecodeConfig, config_from_dict
 from nmt.device import resolve_device, resolve_precision
+from nmt.ensemble import Ensemble
 from nmt.errors import NmtError
 from nmt.io import atomic_output, remove_stale_temps
-from nmt.model import build_model
+from nmt.model import Seq2Seq, build_model
 from nmt.search import Hypothesis, search_corpus
 from nmt.subword import OutputVocabulary
+
+
+def checkpoint_of(path: Path) -> Path:
+    """The checkpoint a --model names: the file itself, or an experiment's (find_checkpoint)."""
+    return find_checkpoint(path) if path.is_dir() else path
 
 
 def processor_from_bytes(blob: bytes, path: Path) -> spm.SentencePieceProcessor:
@@ -37,36 +43,82 @@ def processor_from_bytes(blob: bytes, path: Path) -> spm.SentencePieceProcessor:
 
 
 class Translator:
-    """Owns a model in eval mode and the SentencePiece models it was trained with.
+    """Owns a model in eval mode, or an ensemble of several (nmt.ensemble), and the SentencePiece
+    models they were trained with.
 
-    `device` follows resolve_device (`auto`: a GPU if there is one). `decode` replaces the
-    checkpoint's decode settings (a recipe's, for `nmt evaluate`), and `precision` their precision
-    (`nmt translate --precision`)."""
+    The models of an ensemble must share their SentencePiece models and output vocabulary; they
+    may differ in architecture. The first model's recipe and decode settings are used. `device`
+    follows resolve_device (`auto`: a GPU if there is one). `decode` replaces the checkpoint's
+    decode settings (a recipe's, for `nmt evaluate`), and `precision` their precision
+    (`nmt translate --precision`). `payloads` are the checkpoints' at `paths`, in order; from an
+    iterator they are loaded one at a time (a checkpoint carries the optimizer's state too, so
+    four of them at once would need several times the memory of the models)."""
 
-    def __init__(self, payload: dict, path: Path, device: str = "auto", decode: DecodeConfig | None = None,
-                 precision: str | None = None, log=None):
-        self.path = path
-        self.config = config_from_dict(payload["config"], source=str(path))
+    def __init__(self, paths: list[Path], payloads: Iterable[dict], device: str = "auto",
+                 decode: DecodeConfig | None = None, precision: str | None = None, log=None):
+        self.paths = [Path(p) for p in paths]
+        self.path = self.paths[0]
+        payloads = iter(payloads)
+        first = next(payloads)
+        self.config = config_from_dict(first["config"], source=str(self.path))
         self.decode = decode or self.config.decode
-        self.step = payload.get("progress", {}).get("step")
         self.device = resolve_device(device)
         key = "--precision" if precision is not None else "decode.precision"
         self.precision = resolve_precision(precision or self.decode.precision, self.device, key, log)
-        self.src_spm = processor_from_bytes(payload["spm"]["src"], path)
-        self.tgt_spm = processor_from_bytes(payload["spm"]["tgt"], path)
+        self.src_spm = processor_from_bytes(first["spm"]["src"], self.path)
+        self.tgt_spm = processor_from_bytes(first["spm"]["tgt"], self.path)
+        self.vocab = OutputVocabulary.of(first, self.path)
+        spm_models = first["spm"]
+        self.steps: list[int | None] = []
+        self.averaged_from: list[list | None] = []  # per model: what nmt average made it from
+        members = [self._member(first, self.path, spm_models)]
+        del first
+        members += [self._member(payload, path, spm_models) for path, payload in zip(self.paths[1:], payloads)]
+        self.step = self.steps[0]
+        self.model = members[0] if len(members) == 1 else Ensemble(members)
+        self.model.to(self.device).eval()
+
+    def _member(self, payload: dict, path: Path, spm_models: dict) -> Seq2Seq:
+        """The model of one checkpoint, refused unless it shares the first one's SentencePiece
+        models (`spm_models`, compared as bytes) and output vocabulary."""
+        differs = [what for what, same in (
+            ("source SentencePiece model", payload["spm"]["src"] == spm_models["src"]),
+            ("target SentencePiece model", payload["spm"]["tgt"] == spm_models["tgt"]),
+            ("output vocabulary", OutputVocabulary.of(payload, path) == self.vocab)) if not same]
+        if differs:
+            raise NmtError(f"{self.path} and {path}: different {' and '.join(differs)}; the models "
+                           "of an ensemble must share them")
         vocab = payload["vocab_size"]
         if (self.src_spm.get_piece_size(), self.tgt_spm.get_piece_size()) != (vocab["src"], vocab["tgt"]):
             raise NmtError(f"{path}: SentencePiece models do not match the model's vocabulary")
-        self.vocab = OutputVocabulary.of(payload, path)
-        self.model = build_model(self.config.model, vocab["src"], self.vocab.size)
-        load_state(self.model, payload["model"], path)
-        self.model.to(self.device).eval()
+        config = config_from_dict(payload["config"], source=str(path))
+        model = build_model(config.model, vocab["src"], self.vocab.size)
+        load_state(model, payload["model"], path)
+        self.steps.append(payload.get("progress", {}).get("step"))
+        self.averaged_from.append(payload.get("averaged_from"))
+        return model
 
     @classmethod
     def from_path(cls, path: Path, device: str = "auto", decode: DecodeConfig | None = None,
                   precision: str | None = None, log=None) -> Translator:
-        path = find_checkpoint(Path(path)) if Path(path).is_dir() else Path(path)
-        return cls(load_checkpoint(path), path, device, decode, precision, log)
+        return cls.from_paths([path], device, decode, precision, log)
+
+    @classmethod
+    def from_paths(cls, paths: list[Path], device: str = "auto", decode: DecodeConfig | None = None,
+                   precision: str | None = None, log=None) -> Translator:
+        """One model, or an ensemble of several: checkpoints or experiment directories."""
+        paths = [checkpoint_of(Path(path)) for path in paths]
+        return cls(paths, (load_checkpoint(path) for path in paths), device, decode, precision, log)
+
+    def checkpoint_record(self) -> dict:
+        """What an output records of the checkpoints that produced it: `checkpoint` and
+        `checkpoint_step`, one value each for one model, lists for an ensemble."""
+        averaged = {}
+        if any(self.averaged_from):
+            averaged = {"averaged_from": self.averaged_from[0] if len(self.paths) == 1 else self.averaged_from}
+        if len(self.paths) == 1:
+            return {"checkpoint": str(self.path), "checkpoint_step": self.step, **averaged}
+        return {"checkpoint": [str(path) for path in self.paths], "checkpoint_step": list(self.steps), **averaged}
 
     def search(self, lines: list[str], decode: DecodeConfig | None = None, nbest: int = 1,
                origin: tuple[str, int] = ("input", 1)) -> list[list[Hypothesis]]:
@@ -113,10 +165,11 @@ PAUSE = 0.05  # seconds without new input after which the lines read so far are 
 BLOCK = 1 << 16  # bytes per read
 
 
-def translate_stream(model: Path, input_path: Path | None, output_path: Path | None,
+def translate_stream(models: list[Path], input_path: Path | None, output_path: Path | None,
                      beam_size: int | None, batch_size: int | None, nbest: int = 1,
                      alignments: bool = False, device: str = "auto", precision: str | None = None) -> None:
-    """Translate line by line, in input order, one output line per input line.
+    """Translate line by line, in input order, one output line per input line, with one model or
+    an ensemble of several (`models`: checkpoints or experiment directories).
 
     What can go wrong without the model (options, -i, -o, an output that is a file the command
     reads) is reported before it loads. A chunk is translated when it is full or when the input
@@ -127,14 +180,13 @@ def translate_stream(model: Path, input_path: Path | None, output_path: Path | N
         raise NmtError(f"--batch-size must be at least 1, got {batch_size}")
     if nbest < 1 or (beam_size is not None and nbest > beam_size):
         raise NmtError(f"--nbest must be between 1 and the beam size, got {nbest}")
-    model = Path(model)
-    checkpoint = find_checkpoint(model) if model.is_dir() else model
+    checkpoints = [checkpoint_of(Path(model)) for model in models]
     in_name = str(input_path) if input_path else "<stdin>"
     with contextlib.ExitStack() as stack:
         source = _open_input(input_path, stack)
-        _refuse_same_file(output_path, source, in_name, checkpoint)
+        _refuse_same_file(output_path, source, in_name, checkpoints)
         _check_output(output_path)
-        translator = Translator.from_path(checkpoint, device, precision=precision)
+        translator = Translator.from_paths(checkpoints, device, precision=precision)
         decode = dataclasses.replace(translator.decode, beam_size=beam_size or translator.decode.beam_size,
                                      batch_size=batch_size or translator.decode.batch_size)
         if nbest > decode.beam_size:
@@ -170,7 +222,7 @@ def _open_input(path: Path | None, stack: contextlib.ExitStack) -> int:
         raise NmtError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
-def _refuse_same_file(output_path: Path | None, source: int, in_name: str, checkpoint: Path) -> None:
+def _refuse_same_file(output_path: Path | None, source: int, in_name: str, checkpoints: list[Path]) -> None:
     """An output that is a file the command reads would destroy it (replaced) or feed on itself
     (appended to, `>> in.txt`); symlinks and hard links count, devices and FIFOs are not files."""
     try:
@@ -180,8 +232,9 @@ def _refuse_same_file(output_path: Path | None, source: int, in_name: str, check
     if not stat.S_ISREG(out.st_mode):
         return
     read = [(f"the input {in_name}", os.fstat(source))]
-    with contextlib.suppress(OSError):  # a missing checkpoint is reported when it loads
-        read.append((f"the checkpoint {checkpoint}", os.stat(checkpoint)))
+    for checkpoint in checkpoints:
+        with contextlib.suppress(OSError):  # a missing checkpoint is reported when it loads
+            read.append((f"the checkpoint {checkpoint}", os.stat(checkpoint)))
     for what, st in read:
         if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
             raise NmtError(f"{output_path or '<stdout>'} is the same file as {what}, which translate "
