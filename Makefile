@@ -43,26 +43,44 @@ FIXED_ARGS := $(recipe) --exp $(FIXED) $(foreach s,$(SET) model.attention=none m
 FIXED_STATS := $(FIXED)/data/stats.json
 FIXED_SPM := $(FIXED)/spm/manifest.json
 FIXED_MODEL := $(FIXED)/model/summary.json
+# `make ensemble`: the recipe's own run ($(EXP), its train.seed) and one more run per seed in
+# SEEDS, each in $(EXP)-seedN on a copy of $(EXP)'s data and SentencePiece stages (the models of
+# an ensemble must share them), decoded together from $(EXP)-ensemble.
+SEEDS ?= 2 3
+SEED_MODELS := $(foreach s,$(SEEDS),$(EXP)-seed$(s)/model/summary.json)
+ENSEMBLE := $(EXP)-ensemble
+ENSEMBLE_SCORES := $(ENSEMBLE)/eval/scores.json
 
-.PHONY: install test lint data spm train eval compare bench help
+.PHONY: install test lint data spm train eval compare ensemble bench help
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make install | test | lint | bench [QUICK=1] [MINUTES=10] [ANCHOR=onmt] [SET=...]"
-	@echo "make recipe=NAME data | spm | train | eval | compare   [MIRROR=dir] [SET=\"key=value ...\"]"
+	@echo "make recipe=NAME data | spm | train | eval | compare | ensemble [SEEDS=\"2 3\"]   [MIRROR=dir] [SET=\"key=value ...\"]"
 	@echo "recipes: $(basename $(notdir $(wildcard recipes/*.yaml)))"
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet "$(TORCH)"
-	$(VENV)/bin/pip install --quiet -e ".[plot,dev]"
+	$(VENV)/bin/pip install --quiet -e ".[plot,serve,sweep,dev]"
 	touch $@
 
 install: $(INSTALLED)
 
+# The browser test (tests/test_page.py) drives the distribution's Chromium: Playwright's own
+# download fetches a browser built for other systems. Order-only, and a file target, so that make
+# does nothing when it is there. Without root or apt-get the test skips itself, so say so once
+# rather than fail (also when apt-get cannot reach its mirror).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; then :; else \
+		echo "make test: $(CHROMIUM) is missing and could not be installed (apt-get install chromium as root): the browser test will be skipped"; \
+	fi
+
 # Two test processes: most tests train tiny single-threaded models, so two cores halve the time.
 TEST_WORKERS ?= 2
-test: $(INSTALLED)
+test: $(INSTALLED) | $(CHROMIUM)
 	$(VENV)/bin/pytest -n $(TEST_WORKERS) tests
 
 lint: $(INSTALLED)
@@ -105,8 +123,21 @@ $(FIXED_MODEL): $(FIXED_SPM) | $(INSTALLED)
 $(REPORT): $(MODEL) $(FIXED_MODEL) | $(INSTALLED)
 	$(NMT) compare $(EXP) $(FIXED) --out $(EXP)/compare
 
+# A seed's run: the stages it shares are copied from $(EXP) (again whenever they are newer), then
+# the recipe trains with train.seed=N; an interrupted run resumes from its last.pt as usual.
+$(EXP)-seed%/model/summary.json: $(SPM) | $(INSTALLED)
+	mkdir -p $(EXP)-seed$*
+	cp -r $(EXP)/data $(EXP)/spm $(EXP)-seed$*/
+	$(TRAIN) $(recipe) --exp $(EXP)-seed$* $(foreach s,$(SET) train.seed=$*,--set $(s))
+
+$(ENSEMBLE_SCORES): $(MODEL) $(SEED_MODELS) | $(INSTALLED)
+	mkdir -p $(ENSEMBLE)
+	cp -r $(EXP)/data $(ENSEMBLE)/
+	$(NMT) evaluate $(recipe) --exp $(ENSEMBLE) $(foreach s,$(SET),--set $(s)) --model $(EXP) $(foreach s,$(SEEDS),--model $(EXP)-seed$(s))
+
 data: $(STATS)
 spm: $(SPM)
 train: $(SCORES)
 eval: $(SCORES)
 compare: $(REPORT)
+ensemble: $(ENSEMBLE_SCORES)

@@ -12,3 +12,22 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
 os.environ.setdefault("LRU_CACHE_CAPACITY", "8")
 
 __version__ = "0.1.0"
+
+from typing import TYPE_CHECKING, Any  # noqa: E402  (after the environment above, on purpose)
+
+from nmt.results import Candidate, Translation, WordAttention  # noqa: E402  (no torch in it)
+
+if TYPE_CHECKING:
+    from nmt.translate import Translator
+
+__all__ = ["Candidate", "Translation", "Translator", "WordAttention", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """`from nmt import Translator` imports torch only then: `import nmt` (and `nmt --help`) stays
+    quick, and the oneDNN settings above are in place before torch reads them."""
+    if name == "Translator":
+        from nmt.translate import Translator
+
+        return Translator
+    raise AttributeError(f"module 'nmt' has no attribute {name!r}")

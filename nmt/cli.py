@@ -108,8 +108,11 @@ def cmd_compare(args) -> None:
         raise NmtError(f"--buckets: expected increasing positive word counts, got '{args.buckets}'")
     if args.heatmaps < 0:
         raise NmtError(f"--heatmaps must be 0 or more, got {args.heatmaps}")
+    if not 0 <= args.joined <= 8:
+        raise NmtError(f"--joined must be between 0 and 8 sentences, got {args.joined}")
     out = args.out if args.out is not None else args.experiments[0] / "compare"
-    report = run_compare(args.experiments, out, edges, heatmaps=args.heatmaps, device=args.device)
+    report = run_compare(args.experiments, out, edges, heatmaps=args.heatmaps, device=args.device,
+                         joined=args.joined)
     print(report.read_text())
     print(f"wrote {report.parent}")
 
@@ -122,6 +125,28 @@ def cmd_translate(args) -> None:
         batch_size=args.batch_size, nbest=args.nbest, alignments=args.alignments,
         device=args.device, precision=args.precision,
     )
+
+
+def cmd_serve(args) -> None:
+    try:
+        from nmt.serve import ServeSettings, run_server
+    except ImportError as err:
+        raise NmtError(f"nmt serve needs FastAPI and uvicorn ({err.name} is not installed): "
+                       "pip install 'nmt[serve]'") from None
+
+    settings = ServeSettings(max_sentences=args.max_sentences, max_chars=args.max_chars,
+                             max_body_bytes=args.max_body_bytes, max_beam=args.max_beam,
+                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    run_server(args.model, host=args.host, port=args.port, device=args.device,
+               precision=args.precision, settings=settings, threads=args.threads)
+
+
+def cmd_sweep(args) -> None:
+    from nmt.sweep import run_sweep
+
+    report = run_sweep(args.recipe, args.sweep, args.out, args.overrides, storage=args.storage, device=args.device)
+    print(report.read_text())
+    print(f"wrote {report.parent}")
 
 
 def cmd_average(args) -> None:
@@ -196,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", default=None,
                    help="source-length bucket edges in words (default: 10,20,30,40, as nmt evaluate)")
     p.add_argument("--heatmaps", type=int, default=4, help="attention heat maps to draw")
+    p.add_argument("--joined", type=int, default=0, metavar="K",
+                   help="also decode inputs of k = 2..K consecutive test sentences joined (on both sides) "
+                        "and report BLEU by length up to their length (default 0: none)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_compare)
 
@@ -214,6 +242,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 or fp32 matrix products; auto: bf16 where the hardware has it "
                         "(default: the checkpoint's decode.precision)")
     p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("serve", help="translate over HTTP (JSON API and an attention page)",
+                       description="Serve models over HTTP: POST /translate, GET /models, GET /health, "
+                                   "the OpenAPI description at /openapi.json and a page at /. "
+                                   "Concurrent requests are decoded together. Listens on 127.0.0.1; "
+                                   "another --host needs an API key in NMT_API_KEY, which requests "
+                                   "then send as 'Authorization: Bearer <key>'.")
+    p.add_argument("--model", required=True, action="append", metavar="[NAME=]PATH",
+                   help="experiment directory or checkpoint, named NAME (default: the directory's "
+                        "name or the checkpoint's stem); comma-separated paths make an ensemble; "
+                        "repeat it to serve several (the first is the default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free one)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="bf16 or fp32 matrix products (default: each checkpoint's decode.precision)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--max-batch", type=int, default=64, help="sentences decoded together (default 64)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others to share its batch (default 5)")
+    p.add_argument("--max-sentences", type=int, default=64, help="sentences per request (default 64)")
+    p.add_argument("--max-chars", type=int, default=1000, help="characters per sentence (default 1000)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="request body size (default 1048576)")
+    p.add_argument("--max-beam", type=int, default=16, help="largest beam a request may ask for (default 16)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("sweep", help="search recipe settings with Optuna: trials ranked by valid BLEU",
+                       description="Run the trials of a sweep file (sweeps/*.yaml): each an experiment "
+                                   "directory SWEEP_DIR/trials/NNNN trained with the sweep's budget, ranked "
+                                   "by validation BLEU in SWEEP_DIR/report.md, the best as SWEEP_DIR/best.yaml. "
+                                   "Run it again to continue a killed sweep; start it on several machines "
+                                   "with the same --storage to share one study.")
+    p.add_argument("recipe", help="the base recipe: a name under recipes/ or a path to a recipe YAML file")
+    p.add_argument("sweep", type=Path, help="the sweep file, e.g. sweeps/cells.yaml")
+    p.add_argument("--out", type=Path, help="sweep directory (default: exp/<recipe>-<sweep file name>)")
+    p.add_argument("--storage", metavar="URL",
+                   help="an Optuna storage URL that workers on several machines share, e.g. "
+                        "postgresql://user:password@host/db (default: a journal file in the sweep directory)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key in every trial (repeatable)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + "; for the report's decodes")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("average", help="average the weights of checkpoints into one",
                        description="Average the weights of an experiment's kept step checkpoints "

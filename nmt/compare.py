@@ -20,6 +20,7 @@ from nmt.config import DecodeConfig
 from nmt.errors import NmtError
 from nmt.evaluate import LENGTH_EDGES, bleu_by_length, bucket_labels, score
 from nmt.io import atomic_write_text, read_json, read_lines, versions, write_json
+from nmt.joined import JOINED_NOTE, joined_by_length
 from nmt.search import Hypothesis
 from nmt.translate import Translator
 
@@ -58,6 +59,7 @@ class Variant:
     greedy: Decoding
     by_length: list[dict]  # evaluate.bleu_by_length of the beam search output
     beam_hyps: list[Hypothesis] = field(default_factory=list, repr=False)  # for the heat maps
+    joined: dict | None = None  # nmt.joined.joined_by_length of the beam search (--joined)
 
     def record(self) -> dict:
         """The numbers, for results.json (the hypotheses are in <label>/<test>.beam.hyp)."""
@@ -98,9 +100,10 @@ def decode_test_set(translator: Translator, decode: DecodeConfig, test: TestSet,
 
 
 def decode_variant(translator: Translator, summary: dict, exp_dir: Path, label: str, test: TestSet,
-                   edges: Sequence[int], out: Path) -> Variant:
+                   edges: Sequence[int], out: Path, joined: int = 0) -> Variant:
     """Beam search with the model's own decode settings, and greedy; writes both outputs to
-    out/<test>.{beam,greedy}.hyp."""
+    out/<test>.{beam,greedy}.hyp. With `joined`, also beam search of k = 2..joined consecutive
+    test sentences joined (nmt.joined)."""
     beam, beam_hyps, beam_texts = decode_test_set(translator, translator.decode, test,
                                                   out / f"{test.name}.beam.hyp")
     greedy_decode = dataclasses.replace(translator.decode, beam_size=1)
@@ -112,13 +115,16 @@ def decode_variant(translator: Translator, summary: dict, exp_dir: Path, label: 
         epochs=summary["epochs"], steps=summary["steps"], best_valid_bleu=summary["best_valid_bleu"],
         beam=beam, greedy=greedy, by_length=bleu_by_length(test.src, beam_texts, test.refs, edges),
         beam_hyps=beam_hyps,
+        joined=joined_by_length(test.src, test.refs, beam_texts, lambda lines: translator.translate(
+            lines, origin=(f"{test.name} joined", 1)), joined) if joined else None,
     )
 
 
 def run_compare(exp_dirs: list[Path], out: Path, edges: Sequence[int] = LENGTH_EDGES, heatmaps: int = 4,
-                device: str = "auto") -> Path:
+                device: str = "auto", joined: int = 0) -> Path:
     """Decode the first experiment's first test set with every experiment's model; write
-    report.md (last: it marks the comparison complete), results.json and the pictures to `out`."""
+    report.md (last: it marks the comparison complete), results.json and the pictures to `out`.
+    `joined` K > 1 adds inputs of k = 2..K consecutive test sentences joined (nmt.joined)."""
     summaries = [trained_summary(exp_dir) for exp_dir in exp_dirs]  # all of them before any work
     labels = labels_of(exp_dirs)
     pairs = {exp_dir: "{src_lang}-{tgt_lang}".format(**s["config"]["data"]) for exp_dir, s in zip(exp_dirs, summaries)}
@@ -135,7 +141,7 @@ def run_compare(exp_dirs: list[Path], out: Path, edges: Sequence[int] = LENGTH_E
     variants, heatmaps_of = [], None
     for exp_dir, label, summary in zip(exp_dirs, labels, summaries):
         translator = Translator.from_path(exp_dir, device=device)
-        variant = decode_variant(translator, summary, exp_dir, label, test, edges, out / label)
+        variant = decode_variant(translator, summary, exp_dir, label, test, edges, out / label, joined)
         if pictures and heatmaps > 0 and heatmaps_of is None and variant.attention != "none":
             draw_heatmaps(translator, variant, test.src, out / "attention", heatmaps)
             heatmaps_of = label
@@ -146,6 +152,10 @@ def run_compare(exp_dirs: list[Path], out: Path, edges: Sequence[int] = LENGTH_E
         series = {v.label: [row["bleu"] for row in v.by_length] for v in variants}
         plot.bleu_by_length(buckets, series, out / "bleu_by_length.png",
                             title=f"BLEU by source length ({test_name}, beam)")
+        if joined:
+            series = {v.label: [row["bleu"] for row in v.joined["by_length"]] for v in variants}
+            plot.bleu_by_length(variants[0].joined["buckets"], series, out / "bleu_by_length_joined.png",
+                                title=f"BLEU by source length, joined {test_name} sentences (beam)")
     write_json(out / "results.json", {"test_set": test_name, "source": str(src_path), "buckets": buckets,
                                       "variants": [v.record() for v in variants], "versions": versions()})
     atomic_write_text(out / "report.md", render_report(variants, buckets, test_name, pictures, heatmaps_of))
@@ -201,6 +211,8 @@ def render_report(variants: list[Variant], buckets: list[str], test_name: str, p
               f"chrF signature: `{variants[0].beam.scores['chrf_signature']}`", ""]
     if pictures:
         lines += ["![BLEU by source length](bleu_by_length.png)", ""]
+    if variants[0].joined is not None:
+        lines += render_joined(variants, pictures)
     if pictures and heatmaps_of is not None:
         lines += [f"Attention heat maps of {heatmaps_of} for test sentences of different lengths are in"
                   " `attention/` (source words on x, target words on y; SentencePiece pieces merged"
@@ -210,3 +222,26 @@ def render_report(variants: list[Variant], buckets: list[str], test_name: str, p
         lines += [f"No pictures: matplotlib is not installed. Install it with `{plot.INSTALL_HINT}` and"
                   " rerun `nmt compare` to get bleu_by_length.png and attention heat maps.", ""]
     return "\n".join(lines)
+
+
+def render_joined(variants: list[Variant], pictures: bool) -> list[str]:
+    """The section of --joined: BLEU of each joined set, and by source length over all of them."""
+    sets = variants[0].joined["sets"]
+    lines = [f"## Longer inputs: k = 1..{len(sets)} consecutive test sentences joined, beam search", "",
+             JOINED_NOTE, "",
+             "| variant | " + " | ".join(f"k={s['k']} ({s['sentences']} inputs, ≤{s['max_words']} words)"
+                                       for s in sets) + " |", "|---|" + "---:|" * len(sets)]
+    for v in variants:
+        lines.append(f"| {v.label} | " + " | ".join("–" if s["bleu"] is None else f"{s['bleu']:.2f}"
+                                                  for s in v.joined["sets"]) + " |")
+    rows = variants[0].joined["by_length"]
+    lines += ["", "| source words (joined) | inputs | " + " | ".join(v.label for v in variants) + " |",
+              "|---|---:|" + "---:|" * len(variants)]
+    for i, row in enumerate(rows):
+        cells = [v.joined["by_length"][i]["bleu"] for v in variants]
+        lines.append(f"| {row['bucket']} | {row['sentences']} | "
+                     + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
+    lines.append("")
+    if pictures:
+        lines += ["![BLEU by source length, joined sentences](bleu_by_length_joined.png)", ""]
+    return lines

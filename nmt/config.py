@@ -189,7 +189,9 @@ def resolve_recipe_path(recipe: str) -> Path:
     return path
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, what: str = "a recipe") -> dict:
+    """A YAML file holding a mapping (`what` it is, for the message): unreadable text, invalid
+    YAML or another kind of value is one ConfigError naming the file (and line)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -204,7 +206,7 @@ def _read_yaml(path: Path) -> dict:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"{path}: {what} must be a mapping of sections, got {type(raw).__name__}")
     return raw
 
 
@@ -225,7 +227,7 @@ def _merge(base: dict, override: dict) -> dict:
 def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: extends: cycle through {' -> '.join(str(p) for p in seen)}")
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
@@ -249,6 +251,12 @@ def apply_override(raw: dict, assignment: str, source: str = "--set") -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    set_key(raw, key_path, value, source)
+
+
+def set_key(raw: dict, key_path: str, value: Any, source: str = "--set") -> None:
+    """Set the value at a dotted key path of the raw recipe dict (list items by index), creating
+    sections on the way; whether the key exists is for config_from_dict to say."""
     keys = key_path.strip().split(".")
     node: Any = raw
     for i, key in enumerate(keys[:-1]):
@@ -269,13 +277,17 @@ def apply_override(raw: dict, assignment: str, source: str = "--set") -> None:
         node[last] = value
 
 
-def load_recipe(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load, merge `extends`, apply overrides, and validate a recipe."""
+def load_recipe(recipe: str, overrides: list[str] | tuple[str, ...] = (),
+                values: dict[str, Any] | None = None) -> Config:
+    """Load, merge `extends`, apply overrides (`key.path=value` text, then `values`: typed values
+    by dotted key path, as a sweep's trial sets them), and validate a recipe."""
     path = resolve_recipe_path(recipe)
     raw = _load_raw(path)
     raw.setdefault("name", path.stem)
     for assignment in overrides:
         apply_override(raw, assignment)
+    for key_path, value in (values or {}).items():
+        set_key(raw, key_path, value)
     return config_from_dict(raw, source=str(path))
 
 
@@ -292,6 +304,28 @@ def config_to_dict(config: Config) -> dict:
 def save_config(config: Config, path: Path) -> None:
     header = f"# fully resolved recipe '{config.name}', written by nmt\n"
     atomic_write_text(path, header + yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def recipe_diff(base: dict, changed: dict) -> dict:
+    """The keys of `changed` (a config_to_dict) whose values differ from `base`'s, nested as a
+    recipe writes them; a list that differs is given whole."""
+    diff = {}
+    for key, value in changed.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            inner = recipe_diff(base[key], value)
+            if inner:
+                diff[key] = inner
+        elif base.get(key) != value:
+            diff[key] = value
+    return diff
+
+
+def write_recipe(path: Path, extends: str, settings: dict, header: str = "") -> None:
+    """A recipe that `extends` another and sets `settings` (nested, as recipe_diff gives them);
+    `header` becomes comment lines."""
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    body = yaml.safe_dump({"extends": extends, **settings}, sort_keys=False)
+    atomic_write_text(path, comments + body)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,26 +405,36 @@ def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
 # Values that type-check but make no sense
 
 
+def build_settings(cls: type, raw: dict, source: str, prefix: str = "") -> Any:
+    """Any dataclass of settings (a recipe section, a sweep file) built as strictly as a recipe:
+    unknown keys with a hint, declared types, and each field's `setting` range or choices."""
+    section = _build(cls, raw, prefix, source)
+    check_settings(section, f"{prefix}." if prefix else "", source)
+    return section
+
+
+def check_settings(section: Any, prefix: str, source: str) -> None:
+    """Every field's value inside its `setting` range or choices, in nested sections too."""
+    for f in dataclasses.fields(section):
+        key, value = prefix + f.name, getattr(section, f.name)
+        choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
+        if dataclasses.is_dataclass(value):
+            check_settings(value, f"{key}.", source)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: {key}: must be a finite number, got {value}")  # YAML reads .nan and .inf
+        elif choices and value not in choices:
+            hint = difflib.get_close_matches(value, choices, n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(f"{source}: {key}: '{value}' is not one of {', '.join(choices)}{extra}")
+        elif bounds and not bounds[1](value):
+            raise ConfigError(f"{source}: {key}: {bounds[0]}, got {value}")
+
+
 def validate(config: Config, source: str) -> None:
     def fail(key: str, message: str) -> None:
         raise ConfigError(f"{source}: {key}: {message}")
 
-    def check_settings(section: Any, prefix: str) -> None:
-        for f in dataclasses.fields(section):
-            key, value = prefix + f.name, getattr(section, f.name)
-            choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
-            if dataclasses.is_dataclass(value):
-                check_settings(value, f"{key}.")
-            elif isinstance(value, float) and not math.isfinite(value):
-                fail(key, f"must be a finite number, got {value}")  # YAML reads .nan and .inf
-            elif choices and value not in choices:
-                hint = difflib.get_close_matches(value, choices, n=1)
-                extra = f"; did you mean '{hint[0]}'?" if hint else ""
-                fail(key, f"'{value}' is not one of {', '.join(choices)}{extra}")
-            elif bounds and not bounds[1](value):
-                fail(key, f"{bounds[0]}, got {value}")
-
-    check_settings(config, "")
+    check_settings(config, "", source)
     # The name becomes a directory (exp/<name>) and a line of config.yaml's header.
     if "/" in config.name or not config.name.isprintable() or config.name.strip() != config.name:
         fail("name", f"must be a plain name (no '/', control characters or surrounding spaces), got {config.name!r}")

@@ -187,7 +187,7 @@ def remove_stale_temps(directory: Path, name: str | None = None) -> int:
         if match is None or entry.is_dir(follow_symlinks=False) or (name is not None and match["name"] != _temp_stem(name)):
             continue
         pid = int(match["pid"])
-        if pid > _MAX_PID or _alive(pid):
+        if pid > _MAX_PID or process_alive(pid):
             continue
         try:
             os.unlink(entry.path)
@@ -325,7 +325,7 @@ def exclusive_lock(path: Path, log=print):
                 owner = int(path.read_text().strip() or "0")
             except (OSError, ValueError):
                 owner = 0
-            if owner > 0 and _alive(owner):
+            if owner > 0 and process_alive(owner):
                 raise NmtError(f"{path}: another `nmt train` (pid {owner}) is training this "
                                "experiment; wait for it or stop it first") from None
             log(f"removing stale lock {path} (pid {owner} is not running)")
@@ -340,7 +340,23 @@ def exclusive_lock(path: Path, log=print):
         path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+@contextlib.contextmanager
+def waiting_lock(path: Path):
+    """Wait for, then hold, an advisory lock on the file `path` (flock): processes on one machine
+    take turns. The kernel releases the lock when its holder dies, so a kill never leaves it taken."""
+    import fcntl  # Unix only, like the signals training relies on
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with this pid is running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

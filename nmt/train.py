@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -174,6 +175,10 @@ class Trainer:
         self.ema = EMA(self.model, t.ema_decay) if t.ema_decay > 0 else None
         self.progress = Progress()
         self.init_from: dict | None = None  # fine-tuning: the checkpoint it started from, and its step
+        # Called on rank 0 with (step, valid BLEU) after each validation; a true result stops the
+        # run as early stopping does (a sweep prunes a trial so: its checkpoints stay valid).
+        self.on_validation: Callable[[int, float], bool] | None = None
+        self.stop_asked = False
 
     def log(self, text: str) -> None:
         """The one way training talks: a line on stdout from rank 0, below the progress bar."""
@@ -285,12 +290,15 @@ def _as_tuple(value):
 # The run
 
 
-def train(config: Config, exp_dir: Path) -> dict:
-    """Train (or resume) the recipe's model; returns what it writes to model/summary.json."""
+def train(config: Config, exp_dir: Path, on_validation: Callable[[int, float], bool] | None = None) -> dict:
+    """Train (or resume) the recipe's model; returns what it writes to model/summary.json.
+    `on_validation(step, valid_bleu)` is called after each validation (rank 0); returning True
+    stops training after that update, with last.pt, best.pt and summary.json written as usual."""
     device = resolve_device(config.train.device)
     world = distributed.join(device)
     try:
         trainer = Trainer(config, exp_dir, world, distributed.rank_device(world, device))
+        trainer.on_validation = on_validation
         lock = exclusive_lock(trainer.out / "train.lock", trainer.log) if world.is_main else contextlib.nullcontext()
         with lock:
             start_or_resume(trainer)
@@ -409,10 +417,11 @@ class Window:
 
 
 def should_stop(trainer: Trainer, over_time: bool) -> bool:
-    """The step budget, the time budget or early stopping says stop (max_epochs: the loop's)."""
+    """The step budget, the time budget, early stopping or on_validation says stop (max_epochs:
+    the loop's)."""
     t, p = trainer.config.train, trainer.progress
     patience_out = t.patience > 0 and p.bad_validations >= t.patience
-    return bool(patience_out or over_time or (t.max_steps and p.step >= t.max_steps))
+    return bool(trainer.stop_asked or patience_out or over_time or (t.max_steps and p.step >= t.max_steps))
 
 
 def skip_update(trainer: Trainer, update: Update, bad_steps: int) -> int:
@@ -508,6 +517,9 @@ def record_validation(trainer: Trainer, metrics, result: dict) -> None:
         write_record(metrics, record)
         trainer.log(f"step {p.step}: valid loss {result['valid_loss']:.3f} ppl {result['valid_ppl']:.1f} "
                     f"BLEU {result['valid_bleu']:.2f}{' (best)' if improved else ''} lr {lr:.2g}")
+    if trainer.on_validation is not None:  # rank 0 decides; every rank stops at the same update
+        stop = world.is_main and bool(trainer.on_validation(p.step, result["valid_bleu"]))
+        trainer.stop_asked = distributed.broadcast_float(world, float(stop), trainer.device) > 0
 
 
 def log_train(trainer: Trainer, metrics, window: Window, bar, clock: Clock) -> None:

@@ -10,20 +10,22 @@ import select
 import stat
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+import torch
 from tqdm import tqdm
 
 from nmt.align import hard_alignment, merge_attention, words_of
 from nmt.checkpoint import find_checkpoint, load_checkpoint, load_state
-from nmt.config import DecodeConfig, config_from_dict
+from nmt.config import PRECISIONS, DecodeConfig, config_from_dict
 from nmt.device import resolve_device, resolve_precision
 from nmt.ensemble import Ensemble
 from nmt.errors import NmtError
 from nmt.io import atomic_output, remove_stale_temps
 from nmt.model import Seq2Seq, build_model
+from nmt.results import Candidate, Translation, WordAttention
 from nmt.search import Hypothesis, search_corpus
 from nmt.subword import OutputVocabulary
 
@@ -52,7 +54,9 @@ class Translator:
     decode settings (a recipe's, for `nmt evaluate`), and `precision` their precision
     (`nmt translate --precision`). `payloads` are the checkpoints' at `paths`, in order; from an
     iterator they are loaded one at a time (a checkpoint carries the optimizer's state too, so
-    four of them at once would need several times the memory of the models)."""
+    four of them at once would need several times the memory of the models).
+
+    From Python: `Translator.load(model)`, then `translations(lines, beam, nbest, attention)`."""
 
     def __init__(self, paths: list[Path], payloads: Iterable[dict], device: str = "auto",
                  decode: DecodeConfig | None = None, precision: str | None = None, log=None):
@@ -149,14 +153,62 @@ class Translator:
     def detokenize(self, hyp: Hypothesis) -> str:
         return self.tgt_spm.decode(self.target_ids(hyp))
 
-    def word_alignment(self, source: str, hyp: Hypothesis) -> str:
-        """Hard word alignment from the hypothesis' attention ('' without attention or words)."""
-        if hyp.attention is None or not hyp.tokens:
-            return ""
-        src_pieces = self.src_spm.encode(source, out_type=str)
+    def word_attention(self, source: str, hyp: Hypothesis) -> WordAttention | None:
+        """The hypothesis' attention merged from pieces into words, the EOS row left out (None
+        without attention)."""
+        if hyp.attention is None:
+            return None
+        # a line over decode.max_src_len pieces was searched cut to them
+        src_pieces = self.src_spm.encode(source, out_type=str)[: hyp.attention.size(1)]
         tgt_pieces = self.target_pieces(hyp)
-        merged = merge_attention(hyp.attention[:-1], src_pieces, tgt_pieces)
-        return hard_alignment(merged, words_of(tgt_pieces))
+        if not tgt_pieces:
+            return WordAttention(words_of(src_pieces), [], [])
+        merged = merge_attention(hyp.attention[:-1], src_pieces, tgt_pieces)  # (tgt words, src words)
+        return WordAttention(words_of(src_pieces), words_of(tgt_pieces), merged.tolist())
+
+    # -- the Python API: Translator.load(...).translations(...) ---------------------------------
+
+    @classmethod
+    def load(cls, model: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], device: str = "auto",
+             precision: str | None = None, log: Callable[[str], None] | None = None) -> Translator:
+        """A model to translate with: an experiment directory (its model/best.pt) or a checkpoint
+        file, or a list of them for an ensemble. `device` and `precision` as `nmt translate` takes
+        them: auto | cpu | cuda | cuda:N, and auto | fp32 | bf16 (None: the checkpoint's
+        decode.precision). `log` receives the line saying which precision runs (default: stderr)."""
+        paths = [model] if isinstance(model, (str, os.PathLike)) else list(model)
+        if not paths:
+            raise NmtError("no model given: name an experiment directory or a checkpoint")
+        if precision is not None and precision not in PRECISIONS:
+            raise NmtError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        return cls.from_paths([Path(path) for path in paths], device, precision=precision, log=log)
+
+    def settings(self, beam: int | None = None, nbest: int = 1, batch_size: int | None = None) -> DecodeConfig:
+        """The decode settings with another beam size or batch size (None: the checkpoint's), and
+        `nbest` checked against the beam."""
+        for name, value in (("beam", beam), ("batch_size", batch_size)):
+            if value is not None and value < 1:
+                raise NmtError(f"{name} must be at least 1, got {value}")
+        decode = dataclasses.replace(self.decode, beam_size=beam or self.decode.beam_size,
+                                     batch_size=batch_size or self.decode.batch_size)
+        if not 1 <= nbest <= decode.beam_size:
+            raise NmtError(f"nbest must be between 1 and the beam size ({decode.beam_size}), got {nbest}")
+        return decode
+
+    def translations(self, lines: Sequence[str], beam: int | None = None, nbest: int = 1,
+                     attention: bool = False, batch_size: int | None = None) -> list[Translation]:
+        """Each line's `nbest` best translations with their scores and, with `attention`, their
+        word attention: what `nmt translate --beam B --nbest K` prints, as records."""
+        if isinstance(lines, str):  # a string is a sequence too: of one-character lines
+            raise NmtError("translations() takes a list of sentences: for one, give [sentence]")
+        return self.results(list(lines), self.settings(beam, nbest, batch_size), nbest, attention)
+
+    def results(self, lines: list[str], decode: DecodeConfig, nbest: int = 1, attention: bool = False,
+                origin: tuple[str, int] = ("input", 1)) -> list[Translation]:
+        """translations() with the decode settings whole; `origin` as for search()."""
+        return [Translation(line, [Candidate(self.detokenize(hyp), hyp.score, hyp.log_prob,
+                                             self.word_attention(line, hyp) if attention else None)
+                                   for hyp in hyps[:nbest]])
+                for line, hyps in zip(lines, self.search(lines, decode, nbest, origin))]
 
 
 # -- nmt translate: the edges (input, output) and the streaming loop ------------------------------
@@ -198,9 +250,8 @@ def translate_stream(models: list[Path], input_path: Path | None, output_path: P
         done = 0
         with _output(output_path) as sink, progress:
             for lines in _read_chunks(source, chunk_size, in_name):
-                hyps = translator.search(lines, decode, nbest, origin=(in_name, done + 1))
-                for line, line_hyps in zip(lines, hyps):
-                    sink.write(_format(translator, line, line_hyps, nbest, alignments) + "\n")
+                for translation in translator.results(lines, decode, nbest, alignments, (in_name, done + 1)):
+                    sink.write(_format(translation, nbest, alignments) + "\n")
                 sink.flush()
                 done += len(lines)
                 progress.update(len(lines))
@@ -359,15 +410,16 @@ def _decode(raw: bytes, name: str, number: int) -> str:
     return line.rstrip("\r")
 
 
-def _format(translator: Translator, source: str, hyps: list[Hypothesis], nbest: int,
-            alignments: bool) -> str:
+def _format(translation: Translation, nbest: int, alignments: bool) -> str:
     """One output line: the translation; with --nbest K, K (translation, score) fields; with
     --alignments, each translation followed by its word alignment (src-tgt, 0-based)."""
     fields = []
-    for hyp in hyps[:nbest]:
-        fields.append(translator.detokenize(hyp))
+    for candidate in translation.hypotheses[:nbest]:
+        fields.append(candidate.text)
         if nbest > 1:
-            fields.append(f"{hyp.score:.4f}")
+            fields.append(f"{candidate.score:.4f}")
         if alignments:
-            fields.append(translator.word_alignment(source, hyp))
+            attention = candidate.attention
+            fields.append(hard_alignment(torch.tensor(attention.weights), attention.target_words)
+                          if attention is not None and attention.target_words else "")
     return "\t".join(fields)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ from nmt.search import search_corpus
 from nmt.train import train
 from nmt.translate import Translator
 
-from .conftest import TINY_OVERRIDES
+from .conftest import ROOT, TINY_OVERRIDES
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +196,26 @@ def test_evaluate_records_every_checkpoint(trained_exp, second_exp, capsys):
         assert record["checkpoint"] == [str(exp / "model" / "best.pt"), str(own)]
         assert record["checkpoint_step"] == steps
     capsys.readouterr()
+
+
+def test_make_ensemble_trains_the_seeds_on_one_spm_then_is_up_to_date(mirror, tmp_path):
+    """`make ensemble` trains the recipe and one run per seed on copies of its data and spm stages,
+    decodes the test sets with all of them together, and a second make does nothing."""
+    exp = tmp_path / "de-en"
+    args = ["make", "recipe=de-en", "ensemble", f"EXP={exp}", f"MIRROR={mirror}", "SEEDS=4",
+            "SET=" + " ".join(TINY_OVERRIDES)]
+    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    own, seed = (json.loads((path / "model" / "summary.json").read_text()) for path in (exp, tmp_path / "de-en-seed4"))
+    assert (own["config"]["train"]["seed"], seed["config"]["train"]["seed"]) == (3, 4)
+    assert (exp / "spm" / "joint.model").read_bytes() == (tmp_path / "de-en-seed4" / "spm" / "joint.model").read_bytes()
+    scores = json.loads((tmp_path / "de-en-ensemble" / "eval" / "scores.json").read_text())
+    assert [Path(p).parent.parent.name for p in scores["checkpoint"]] == ["de-en", "de-en-seed4"]
+    assert set(scores["scores"]) == {"test", "test2017"}
+
+    done = (tmp_path / "de-en-ensemble" / "eval" / "scores.json").stat().st_mtime_ns
+    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert second.returncode == 0 and "/nmt " not in second.stdout, second.stdout
+    assert (tmp_path / "de-en-ensemble" / "eval" / "scores.json").stat().st_mtime_ns == done
