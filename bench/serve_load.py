@@ -71,10 +71,15 @@ async def throughput(url: str, sentences: list[str], beam: int, clients: int, ma
 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients)) as http:
         await http.post("/translate", json={"sentences": sentences[:clients], "beam": beam})  # warm up
+        before = (await http.get("/health")).json()
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         seconds = time.perf_counter() - started
-    return {"answers": answers, "seconds": seconds, "sent_per_s": len(answers) / seconds}
+        after = (await http.get("/health")).json()
+    rounds = after["rounds"] - before["rounds"]  # the server's rounds of decoding: how full they were
+    in_rounds = after["mean_batch"] * after["rounds"] - before["mean_batch"] * before["rounds"]
+    return {"answers": answers, "seconds": seconds, "sent_per_s": len(answers) / seconds, "rounds": rounds,
+            "mean_batch": in_rounds / max(rounds, 1)}
 
 
 def latencies(url: str, sentences: list[str], beam: int, max_seconds: float) -> tuple[list[float], list[str]]:
@@ -157,7 +162,8 @@ def main() -> None:
         "date": stamp, "model": str(args.model), "beam": args.beam, "clients": args.clients,
         "sentences": len(sentences), "answered": len(served["answers"]), "mismatches": mismatches,
         "machine": {**machine(), "threads": int(args.threads)},
-        "served": {"sent_per_s": served["sent_per_s"], "seconds": served["seconds"]},
+        "served": {"sent_per_s": served["sent_per_s"], "seconds": served["seconds"], "rounds": served["rounds"],
+                   "mean_batch": served["mean_batch"]},
         "offline": {"sent_per_s": local["sent_per_s"], "seconds": local["seconds"],
                     "batch_size": local["batch_size"], "precision": local["precision"]},
         "throughput_ratio": served["sent_per_s"] / local["sent_per_s"],
@@ -172,7 +178,8 @@ def main() -> None:
     print(f"machine: {m['cpu']} ({m['class']}), {m['threads']} threads; beam {args.beam}, {args.clients} clients")
     print(f"served {result['answered']}/{len(sentences)} sentences at {served['sent_per_s']:.1f} sent/s; "
           f"offline {local['sent_per_s']:.1f} sent/s (batch {local['batch_size']}); "
-          f"ratio {result['throughput_ratio']:.2f}; mismatches {mismatches}")
+          f"ratio {result['throughput_ratio']:.2f}; mismatches {mismatches}; the server's mean batch "
+          f"{served['mean_batch']:.1f} sentences")
     ls, lo = result["latency_served"], result["latency_offline_alone"]
     print(f"latency, one client: median {ls['median_ms']:.1f} ms, p90 {ls['p90_ms']:.1f} ms; one sentence "
           f"decoded alone offline: median {lo['median_ms']:.1f} ms, p90 {lo['p90_ms']:.1f} ms")

@@ -118,7 +118,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_translate(args) -> None:
-    from nmt.translate import translate_stream
+    from nmt.stream import translate_stream
 
     translate_stream(
         models=args.model, input_path=args.input, output_path=args.output, beam_size=args.beam,

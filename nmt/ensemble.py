@@ -27,6 +27,12 @@ class Members:
     def index_select(self, index: torch.Tensor) -> Members:
         return Members(tuple(item.index_select(index) for item in self.items))
 
+    def narrow(self, length: int) -> Members:
+        return Members(tuple(item.narrow(length) for item in self.items))
+
+    def concat(self, other: Members) -> Members:
+        return Members(tuple(mine.concat(theirs) for mine, theirs in zip(self.items, other.items)))
+
 
 class Ensemble(nn.Module):
     def __init__(self, members: list[Seq2Seq]):

@@ -64,6 +64,32 @@ class Memory:
                       pick(self.summary_gates), self.context_weight, self.feed_weight,
                       self.output_weight, self.output_bias)
 
+    def narrow(self, length: int) -> Memory:
+        """The first `length` source positions: search drops padding no live sentence needs."""
+        def cut(x):
+            return None if x is None else x[:, :length].contiguous()
+        return Memory(cut(self.keys), cut(self.values), cut(self.src_mask), self.summary, self.summary_gates,
+                      self.context_weight, self.feed_weight, self.output_weight, self.output_bias)
+
+    def concat(self, other: Memory) -> Memory:
+        """Both batches' sentences, these first, with the source positions of the shorter padded
+        (masked out) to the longer: search adds sentences to a batch it is decoding."""
+        length = max(self.values.size(1), other.values.size(1))
+
+        def join(a, b, positional: bool):
+            if a is None:
+                return None
+            if positional:  # (batch, src_len, ...): zeros (False in the mask) after the end
+                a, b = (x if x.size(1) == length else
+                        torch.cat([x, x.new_zeros((x.size(0), length - x.size(1), *x.shape[2:]))], 1)
+                        for x in (a, b))
+            return torch.cat([a, b])
+
+        return Memory(join(self.keys, other.keys, True), join(self.values, other.values, True),
+                      join(self.src_mask, other.src_mask, True), join(self.summary, other.summary, False),
+                      join(self.summary_gates, other.summary_gates, False), self.context_weight,
+                      self.feed_weight, self.output_weight, self.output_bias)
+
 
 @dataclass
 class DecoderState:
@@ -76,6 +102,13 @@ class DecoderState:
         def pick(x):
             return None if x is None else x.index_select(-2 if x.dim() == 3 else 0, index)
         return DecoderState(pick(self.hidden), pick(self.cell), pick(self.output))
+
+    def concat(self, other: DecoderState) -> DecoderState:
+        """Both batches' states, these first (see Memory.concat)."""
+        def join(a, b):
+            return None if a is None else torch.cat([a, b], dim=-2 if a.dim() == 3 else 0)
+        return DecoderState(join(self.hidden, other.hidden), join(self.cell, other.cell),
+                            join(self.output, other.output))
 
 
 class Dropout(nn.Module):

@@ -40,8 +40,16 @@ class OutputLayer(nn.Linear):
         return projected_cross_entropy(t, self.weight, self.bias, targets, label_smoothing)
 
     def padded(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weights for search's steps (no gradients): see padded_output."""
-        return padded_output(self.weight, self.bias, dtype)
+        """The weights for search's steps (no gradients): see padded_output. Kept until the
+        weights change (their version counts in-place updates: an optimizer step, a load): nmt
+        serve encodes a few sentences at a time, and padding a 6k x 256 matrix for each costs
+        more than encoding them."""
+        key = (dtype, self.weight.data_ptr(), self.weight._version,
+               None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
+        cached = getattr(self, "_padded", None)
+        if cached is None or cached[0] != key:
+            cached = self._padded = (key, padded_output(self.weight, self.bias, dtype))
+        return cached[1]
 
     def log_probs(self, t: torch.Tensor, weight: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -78,6 +78,9 @@ class TranslateResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok"]
     models: list[str]
+    sentences: int = Field(description="sentences translated since the server started")
+    rounds: int = Field(description="rounds of decoding since then: greedy batches and beam-search steps")
+    mean_batch: float = Field(description="the mean number of sentences a round decoded together")
 
 
 class ModelInfo(BaseModel):

@@ -100,85 +100,156 @@ def _only_eos(log_probs: torch.Tensor) -> torch.Tensor:
     return forced
 
 
-@torch.no_grad()
-def beam_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, decode: DecodeConfig,
-                nbest: int = 1) -> list[list[Hypothesis]]:
-    """The `nbest` best hypotheses of each sentence, best first. src_ids (batch, src_len),
-    src_lens (batch,); the beam has decode.beam_size rows per sentence."""
-    batch, device = src_ids.size(0), src_ids.device
-    k = decode.beam_size
-    memory, state = model.encode(src_ids, src_lens)
-    # Every sentence gets k rows; the encoder output (and attention keys) are expanded once.
-    rows = torch.arange(batch, device=device).repeat_interleave(k)  # (batch * k,)
-    memory, state = memory.index_select(rows), state.index_select(rows)
-    limits = max_lengths(src_lens, decode.max_len_a, decode.max_len_b).to(device)  # (batch,)
-    limit_list, src_len_list = limits.tolist(), src_lens.tolist()
-    live = list(range(batch))  # the sentences still searching; each has k consecutive rows
+class BeamSearch:
+    """Beam search over a batch of sentences that may grow while it runs.
 
-    # Only the first row of each beam is live at the start, or the k rows would be k copies.
-    scores = torch.full((batch, k), float("-inf"), device=device)
-    scores[:, 0] = 0.0
-    prev = bos_column(batch * k, device)
-    history = torch.empty(batch * k, 0, dtype=torch.long, device=device)  # tokens so far
-    attn_history = None  # (rows, steps, src_len)
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    add() encodes sentences and gives each beam_size rows; step() extends every beam by one token
+    and returns the sentences that are done, each with its finished hypotheses, best first. Each
+    sentence counts its own steps from when it was added, so its hypotheses do not depend on when
+    it joined or which sentences share its steps (the model is padding-invariant): beam_search()
+    adds one batch and steps until it is done, and nmt serve adds requests' sentences as they come
+    (nmt.batcher), so that a short sentence's answer need not wait for a long one's.
 
-    for step in range(max(limit_list)):
-        n = len(live)
-        log_probs, state, attn = model.decode_step(prev, state, memory)  # (n * k, vocab)
-        at_limit = torch.tensor([limit_list[s] <= step + 1 for s in live], device=device).repeat_interleave(k)
-        if bool(at_limit.any()):
-            log_probs[at_limit] = _only_eos(log_probs[at_limit])
+    Per live sentence: its `tags` (the caller's name for it), the steps it has taken, its output
+    length limit and source length, and its finished hypotheses. Per row (k for each sentence, in
+    sentence order): the beam's score, previous token, decoder state, and its tokens so far in
+    `history` (rows, columns), right-aligned: a sentence that joined later has fewer columns of its
+    own, and the columns are cut to the longest live one's. The memory and the attention history
+    are as wide as the longest live source."""
+
+    def __init__(self, model: Seq2Seq, decode: DecodeConfig):
+        self.model, self.decode, self.k = model, decode, decode.beam_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tags: list = []
+        self.steps: list[int] = []
+        self.limits: list[int] = []
+        self.src_lens: list[int] = []
+        self.finished: list[list[Hypothesis]] = []
+        self.width = 0  # source positions of the memory
+        self.memory = self.state = self.scores = self.prev = self.history = None
+        self.attn_history: torch.Tensor | None = None  # (rows, columns, width)
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    @torch.no_grad()
+    def add(self, src_ids: torch.Tensor, src_lens: torch.Tensor, tags: list) -> None:
+        """Sentences to search, src_ids (batch, src_len) and src_lens (batch,) on the model's
+        device, none of them empty; `tags` name them in what step() returns."""
+        batch, device, k = src_ids.size(0), src_ids.device, self.k
+        memory, state = self.model.encode(src_ids, src_lens)
+        # Every sentence gets k rows; the encoder output (and attention keys) are expanded once.
+        rows = torch.arange(batch, device=device).repeat_interleave(k)
+        memory, state = memory.index_select(rows), state.index_select(rows)
+        # Only the first row of each beam is live at the start, or the k rows would be k copies.
+        scores = torch.full((batch, k), float("-inf"), device=device)
+        scores[:, 0] = 0.0
+        prev = bos_column(batch * k, device)
+        columns = 0 if self.history is None else self.history.size(1)
+        history = torch.zeros(batch * k, columns, dtype=torch.long, device=device)
+        width, attn_history = max(self.width, src_ids.size(1)), self.attn_history
+        if self.memory is not None:  # joined to the sentences searching (nothing changes until all is made)
+            memory, state = self.memory.concat(memory), self.state.concat(state)
+            scores, prev = torch.cat([self.scores, scores]), torch.cat([self.prev, prev])
+            history = torch.cat([self.history, history])
+            if attn_history is not None:  # no attention yet for the new rows, zeros beyond a source's end
+                old = attn_history
+                attn_history = old.new_zeros(old.size(0) + batch * k, columns, width)
+                attn_history[: old.size(0), :, : old.size(2)] = old
+        self.memory, self.state, self.scores, self.prev, self.history = memory, state, scores, prev, history
+        self.attn_history, self.width = attn_history, width
+        self.tags += tags
+        self.steps += [0] * batch
+        self.limits += max_lengths(src_lens, self.decode.max_len_a, self.decode.max_len_b).tolist()
+        self.src_lens += src_lens.tolist()
+        self.finished += [[] for _ in range(batch)]
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[object, list[Hypothesis]]]:
+        """One token more for every beam → (tag, hypotheses best first) of each sentence that is
+        done: it has beam_size finished hypotheses, or has reached its length limit."""
+        k, decode, device = self.k, self.decode, self.prev.device
+        n = len(self.tags)
+        log_probs, state, attn = self.model.decode_step(self.prev, self.state, self.memory)  # (n * k, vocab)
+        at_limit = [limit <= steps + 1 for limit, steps in zip(self.limits, self.steps)]
+        if any(at_limit):  # the last position allowed must be EOS
+            forced = torch.tensor(at_limit, device=device).repeat_interleave(k)
+            log_probs[forced] = _only_eos(log_probs[forced])
         vocab = log_probs.size(-1)
-        candidates = (scores.view(-1, 1) + log_probs).view(n, k * vocab)
+        candidates = (self.scores.view(-1, 1) + log_probs).view(n, k * vocab)
         # 2k candidates: even if k of them end in EOS, k live ones remain to fill the beam.
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # (n, 2k)
         origin = top_index // vocab  # which beam row of the sentence each candidate extends
         token = top_index % vocab
         if attn is not None:
             step_attn = attn.float().unsqueeze(1)
-            attn_history = step_attn if attn_history is None else torch.cat([attn_history, step_attn], 1)
+            self.attn_history = step_attn if self.attn_history is None else torch.cat([self.attn_history, step_attn], 1)
 
         # Candidates ending in EOS among the top k finish, with their attention.
         is_eos = (token == EOS_ID) & torch.isfinite(top_scores)
         finishing = is_eos[:, :k].nonzero().tolist()
         if finishing:
-            finishing_scores = top_scores[:, :k].tolist()
-            finishing_origin = origin[:, :k].tolist()
+            finishing_scores, finishing_origin = top_scores[:, :k].tolist(), origin[:, :k].tolist()
+            columns = self.history.size(1)
             for i, cand in finishing:
-                sent = live[i]
-                if len(finished[sent]) >= k:
+                if len(self.finished[i]) >= k:
                     continue
-                source_row = i * k + finishing_origin[i][cand]
-                raw = finishing_scores[i][cand]
+                source_row, raw, length = i * k + finishing_origin[i][cand], finishing_scores[i][cand], self.steps[i]
                 hyp_attn = None
-                if attn_history is not None:
-                    hyp_attn = attn_history[source_row, :, : src_len_list[sent]].cpu()
-                finished[sent].append(Hypothesis(history[source_row].tolist(),
-                                                 normalise(raw, step + 1, decode.length_penalty, decode.alpha),
-                                                 raw, hyp_attn))
+                if self.attn_history is not None:  # this sentence's steps, this one's included
+                    hyp_attn = self.attn_history[source_row, -(length + 1):, : self.src_lens[i]].cpu()
+                self.finished[i].append(Hypothesis(self.history[source_row, columns - length:].tolist(),
+                                                   normalise(raw, length + 1, decode.length_penalty, decode.alpha),
+                                                   raw, hyp_attn))
+        self.steps = [steps + 1 for steps in self.steps]
         # A sentence with k finished hypotheses, or at its length limit, is done and leaves.
-        keep = [i for i, sent in enumerate(live) if len(finished[sent]) < k and limit_list[sent] > step + 1]
+        keep = [i for i in range(n) if len(self.finished[i]) < k and self.limits[i] > self.steps[i]]
+        done = [(self.tags[i], sorted(self.finished[i], key=lambda h: h.score, reverse=True))
+                for i in sorted(set(range(n)) - set(keep))]
         if not keep:
-            break
+            self._reset()
+            return done
 
         # Refill each beam with its k best candidates that did not end in EOS.
         live_scores = top_scores.masked_fill(is_eos, float("-inf"))
         scores, pick = live_scores.topk(k, dim=1)  # (n, k)
         source_rows = torch.arange(n, device=device).unsqueeze(1) * k + origin.gather(1, pick)
         prev = token.gather(1, pick)
+        memory = self.memory
         if len(keep) < n:
             kept = torch.tensor(keep, device=device)
             scores, source_rows, prev = scores[kept], source_rows[kept], prev[kept]
             memory = memory.index_select((kept.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1))
-            live = [live[i] for i in keep]
-        source_rows, prev = source_rows.view(-1), prev.view(-1)
-        history = torch.cat([history.index_select(0, source_rows), prev.unsqueeze(1)], dim=1)
+            for name in ("tags", "steps", "limits", "src_lens", "finished"):
+                setattr(self, name, [getattr(self, name)[i] for i in keep])
+        source_rows, self.prev, self.scores = source_rows.view(-1), prev.view(-1), scores
+        history = torch.cat([self.history.index_select(0, source_rows), self.prev.unsqueeze(1)], dim=1)
+        attn_history = self.attn_history.index_select(0, source_rows) if self.attn_history is not None else None
+        self.state = state.index_select(source_rows)
+        # no more columns than the longest live sentence has steps, no wider than its longest source
+        longest, widest = max(self.steps), max(self.src_lens)
+        self.history = history[:, history.size(1) - longest:]
+        if widest < self.width:
+            memory, self.width = memory.narrow(widest), widest
         if attn_history is not None:
-            attn_history = attn_history.index_select(0, source_rows)
-        state = state.index_select(source_rows)
+            attn_history = attn_history[:, attn_history.size(1) - longest:, : self.width]
+        self.memory, self.attn_history = memory, attn_history
+        return done
 
-    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+
+def beam_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, decode: DecodeConfig,
+                nbest: int = 1) -> list[list[Hypothesis]]:
+    """The `nbest` best hypotheses of each sentence, best first. src_ids (batch, src_len),
+    src_lens (batch,); the beam has decode.beam_size rows per sentence."""
+    search = BeamSearch(model, decode)
+    search.add(src_ids, src_lens, list(range(src_ids.size(0))))
+    results: list[list[Hypothesis]] = [[] for _ in range(src_ids.size(0))]
+    while search:
+        for sentence, hyps in search.step():
+            results[sentence] = hyps[:nbest]
+    return results
 
 
 def search_corpus(model: Seq2Seq, src_seqs: list, decode: DecodeConfig, precision: str = "fp32",

@@ -79,6 +79,9 @@ class ServeSettings:
                 raise NmtError(f"{option} must be 0 or more, got {value}")
             if field.name not in ("max_wait_ms", "api_key") and value < 1:
                 raise NmtError(f"{option} must be at least 1, got {value}")
+        if self.max_sentences > self.max_batch:  # a request is decoded in one batch at most
+            raise NmtError(f"--max-sentences {self.max_sentences} is more than --max-batch {self.max_batch}: "
+                           "lower it, or raise --max-batch")
 
 
 def page() -> str | None:
@@ -130,7 +133,9 @@ def create_app(translators: "dict[str, Translator]", settings: ServeSettings | N
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": names}
+        sentences, rounds, in_rounds = batcher.totals
+        return {"status": "ok", "models": names, "sentences": sentences, "rounds": rounds,
+                "mean_batch": in_rounds / rounds if rounds else 0.0}
 
     @app.get("/models", response_model=ModelsResponse, responses={401: ERRORS[401]})
     async def models() -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Search: a scripted decoder worked by hand, beam 1 == greedy, beam >= greedy, exhaustive optimum,
-and batch independence."""
+batch independence, and sentences joining a search that runs."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import torch
 
 from nmt.batches import pad
 from nmt.config import DecodeConfig
+from nmt.ensemble import Ensemble
 from nmt.model import DecoderState, Memory, bos_column, build_model
-from nmt.search import beam_search, greedy_search, normalise, search_corpus
+from nmt.search import BeamSearch, beam_search, greedy_search, normalise, search_corpus
 from nmt.subword import BOS_ID, EOS_ID
 
-from .synthetic import random_strings, small_config, train_reversal
+from .synthetic import VOCAB, random_strings, small_config, train_reversal
 
 A, B = 4, 5  # the two real tokens of the scripted vocabulary
 
@@ -156,3 +157,52 @@ def test_attention_is_returned_per_hypothesis(half_trained):
     hyp = search_corpus(half_trained, source, DecodeConfig(beam_size=3))[0][0]
     assert hyp.attention.shape == (len(hyp.tokens) + 1, 9)
     torch.testing.assert_close(hyp.attention.sum(-1), torch.ones(len(hyp.tokens) + 1))
+
+
+def joining_models(half_trained):
+    """Models of each kind of memory and state BeamSearch joins: the trained reversal model, and
+    untrained ones (whose outputs run to the length limit): fixed context, an LSTM with Luong
+    attention and input feeding, and an ensemble of two different models."""
+    torch.manual_seed(11)
+    fixed = build_model(small_config(attention="none"), VOCAB, VOCAB).eval()
+    lstm = build_model(small_config(cell="lstm", attention="luong-general", input_feeding=True), VOCAB, VOCAB).eval()
+    return {"bahdanau": half_trained, "fixed": fixed, "lstm": lstm, "ensemble": Ensemble([half_trained, lstm])}
+
+
+@pytest.mark.parametrize("kind", ["bahdanau", "fixed", "lstm", "ensemble"])
+def test_sentences_joining_a_running_search_get_what_they_get_alone(half_trained, kind):
+    """nmt serve adds sentences to a search between its steps (BeamSearch.add): each must come out
+    as it does decoded alone, whenever it joined, next to longer or shorter sources, and the
+    search must keep no more width than its live sentences need."""
+    model = joining_models(half_trained)[kind]
+    rng = np.random.default_rng(9)
+    waves = [random_strings(rng, 3, 4, 8), random_strings(rng, 2, 18, 22), random_strings(rng, 4, 3, 6)]
+    decode = DecodeConfig(beam_size=4)
+    search, results, widths = BeamSearch(model, decode), {}, []
+    for wave, sources in enumerate(waves):
+        assert wave == 0 or search, "the next wave must join a search that runs"
+        src_ids, src_lens = pad(sources)
+        search.add(src_ids, src_lens, [(wave, i) for i in range(len(sources))])
+        # the long ones join after 3 steps and are near their end when the last short ones join
+        for _ in range((3, 17, 10_000)[wave]):
+            if not search:
+                break
+            for tag, hyps in search.step():
+                assert tag not in results
+                results[tag] = hyps
+            widths.append((search.width, max(search.src_lens, default=0)))
+    assert not search and len(results) == sum(map(len, waves))
+    for wave, sources in enumerate(waves):
+        for i, source in enumerate(sources):
+            alone = search_corpus(model, [source], decode, nbest=4)[0]
+            joined = results[(wave, i)]
+            assert [h.tokens for h in joined] == [h.tokens for h in alone], (wave, i)
+            for a, b in zip(alone, joined):
+                assert math.isclose(a.score, b.score, rel_tol=1e-4, abs_tol=1e-4)
+                if kind == "fixed":
+                    assert a.attention is None and b.attention is None
+                else:
+                    torch.testing.assert_close(a.attention, b.attention, rtol=1e-4, atol=1e-5)
+    # the memory was as wide as the longest live source at every step: padding left with the long ones
+    assert all(width == longest for width, longest in widths if longest)
+    assert max(width for width, _ in widths) >= 18
