@@ -6,7 +6,9 @@
 #   bench/screen.sh NAME [key=value ...]     e.g. bench/screen.sh ema train.ema_decay=0.999
 #
 # Every screen shares these settings on top of recipes/de-en.yaml: STEPS updates (default 1824, the
-# recipe's 12 epochs), validation every 200 updates with the plateau patience doubled to match
+# 12 epochs of the recipe before EMA became its default: the screens of 2026-12-02 ran without it,
+# so `bench/screen.sh baseline train.ema_decay=0` repeats their baseline and `ema
+# train.ema_decay=0.999` their EMA screen), validation every 200 updates with the plateau patience doubled to match
 # (the recipe's 1 validation of 400 updates), and the 5 newest validation checkpoints kept, so
 # that checkpoint averaging is screened in every run for free. Outputs go to bench/out/screen/NAME:
 # the experiment, eval/ (best.pt's scores) and eval-avg5/ (the 5 newest checkpoints averaged).

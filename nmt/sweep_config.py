@@ -119,6 +119,10 @@ class Sweep:
     def budget_values(self) -> dict[str, Any]:
         return budget_values(self.file.budget)
 
+    def budget_text(self) -> str:
+        """The budget as the sweep file sets it, e.g. `train.max_minutes: 20`."""
+        return ", ".join(f"{k}: {v:g}" for k, v in self.budget_values().items() if k in BUDGET_KEYS and v)
+
     def trial_config(self, values: dict[str, Any]) -> Config:
         """The recipe of a trial: the overrides, the swept `values`, then the budget."""
         return load_recipe(self.recipe, self.overrides, {**values, **self.budget_values()})
@@ -148,7 +152,11 @@ class Sweep:
 
 
 def budget_values(budget: Budget) -> dict[str, Any]:
-    return {"train.max_minutes": budget.max_minutes} if budget.max_minutes else {"train.max_steps": budget.max_steps}
+    """The trial's limits: its budget, and the recipe's other limits lifted (its max_steps and
+    max_epochs are the recipe's budget, not the sweep's)."""
+    if budget.max_minutes:
+        return {"train.max_minutes": budget.max_minutes, "train.max_steps": 0, "train.max_epochs": 1_000_000}
+    return {"train.max_steps": budget.max_steps, "train.max_minutes": 0.0, "train.max_epochs": 1_000_000}
 
 
 def load_sweep(path: Path, recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:

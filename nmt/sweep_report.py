@@ -86,7 +86,7 @@ def write_report(study, sweep: Sweep, out: Path, device: str = "auto") -> Path:
     keys = [p.key for p in sweep.params]
     pictures = plot.available()
     file = sweep.file
-    budget = ", ".join(f"{k}: {v:g}" for k, v in sweep.budget_values().items())
+    budget = sweep.budget_text()
     states = {s: sum(r.state == s for r in rows) for s in ("complete", "pruned", "fail", "running", "waiting")}
     lines = [f"# Sweep `{sweep.path.stem}` of recipe `{sweep.recipe}`", "",
              f"Study `{sweep.study_name}`; method {file.method} (seed {file.seed}), pruner {file.pruner.kind}; "
@@ -129,7 +129,7 @@ def _best(sweep: Sweep, out: Path, rows: list[Row]) -> list[str]:
     base = config_to_dict(load_recipe(sweep.recipe))
     settings = recipe_diff(base, config_to_dict(load_recipe(sweep.recipe, sweep.overrides, best.params)))
     path = out / "best.yaml"
-    budget = ", ".join(f"{k}: {v:g}" for k, v in sweep.budget_values().items())
+    budget = sweep.budget_text()
     write_recipe(path, sweep.extends, settings,
                  f"The best trial of sweep {sweep.study_name}: trials/{best.dir}, best validation BLEU "
                  f"{best.bleu:.2f}\nafter {best.steps} updates with {budget}. This recipe has the base "

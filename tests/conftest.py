@@ -49,6 +49,7 @@ TINY_OVERRIDES = [
     "model.attention_size=32", "model.output_size=32", "model.dropout=0.1",
     "train.batch_tokens=600", "train.max_steps=12", "train.valid_every=6",
     "train.checkpoint_every=4", "train.threads=1", "train.seed=3",
+    "train.ema_decay=0.0",  # 12 updates: an average would be mostly the initial weights
     "decode.batch_size=32", "decode.beam_size=3",
     # fp32, so that exact comparisons hold on any CPU (bf16 has its own test in test_model.py)
     "train.precision=fp32", "decode.precision=fp32",
