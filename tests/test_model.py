@@ -29,7 +29,7 @@ ATTENTIONS = ["bahdanau", "luong-dot", "luong-general", "none"]
 
 def test_attention_model_learns_to_reverse():
     torch.set_num_threads(1)
-    model = train_reversal(small_config(embed_size=64), steps=400, seed=0, lr=1e-2)
+    model = train_reversal(small_config(embed_size=64), steps=300, seed=0, lr=1e-2)
     held_out = random_strings(np.random.default_rng(12345), 300, 5, 20)
     accuracy = exact_match(model, held_out).mean()
     assert accuracy >= 0.95, f"exact match {accuracy:.3f} on held-out reversals"
