@@ -11,9 +11,8 @@ its group that came in meanwhile join it while it has room, and each request is 
 as its own sentences are done, so a short sentence does not wait for the long ones it shares steps
 with, and the batch stays full under load. A request of more sentences than `max_batch` decodes
 on its own (nmt serve refuses --max-sentences above --max-batch). Within a group requests start in
-arrival order, and a
-waiting request of another group stops younger ones from joining, so that the running search
-drains and that group's turn comes. Greedy search (beam 1) decodes batch by batch. The model is
+arrival order, and a waiting request of another group stops younger ones from joining, so that
+the running search drains and that group's turn comes. Greedy search (beam 1) decodes batch by batch. The model is
 padding-invariant and search decodes each sentence on its own, whenever it joins, so an answer is
 the one `nmt translate` gives (tested in tests/test_serve.py and tests/test_search.py).
 """
