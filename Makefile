@@ -45,9 +45,11 @@ FIXED_SPM := $(FIXED)/spm/manifest.json
 FIXED_MODEL := $(FIXED)/model/summary.json
 # `make ensemble`: the recipe's own run ($(EXP), its train.seed) and one more run per seed in
 # SEEDS, each in $(EXP)-seedN on a copy of $(EXP)'s data and SentencePiece stages (the models of
-# an ensemble must share them), decoded together from $(EXP)-ensemble.
+# an ensemble must share them), each evaluated alone, then decoded together from $(EXP)-ensemble.
+# `make -j3 ... SET=train.threads=1` trains the three at once, one core thread each.
 SEEDS ?= 2 3
 SEED_MODELS := $(foreach s,$(SEEDS),$(EXP)-seed$(s)/model/summary.json)
+SEED_SCORES := $(foreach s,$(SEEDS),$(EXP)-seed$(s)/eval/scores.json)
 ENSEMBLE := $(EXP)-ensemble
 ENSEMBLE_SCORES := $(ENSEMBLE)/eval/scores.json
 
@@ -130,7 +132,12 @@ $(EXP)-seed%/model/summary.json: $(SPM) | $(INSTALLED)
 	cp -r $(EXP)/data $(EXP)/spm $(EXP)-seed$*/
 	$(TRAIN) $(recipe) --exp $(EXP)-seed$* $(foreach s,$(SET) train.seed=$*,--set $(s))
 
-$(ENSEMBLE_SCORES): $(MODEL) $(SEED_MODELS) | $(INSTALLED)
+# Each seed is scored alone too: the mean and spread of single models is set against the ensemble.
+$(EXP)-seed%/eval/scores.json: $(EXP)-seed%/model/summary.json | $(INSTALLED)
+	$(NMT) evaluate $(recipe) --exp $(EXP)-seed$* $(foreach s,$(SET) train.seed=$*,--set $(s))
+
+# (The seed models are named here so that make keeps them: else they would be intermediate files.)
+$(ENSEMBLE_SCORES): $(SCORES) $(SEED_MODELS) $(SEED_SCORES) | $(INSTALLED)
 	mkdir -p $(ENSEMBLE)
 	cp -r $(EXP)/data $(ENSEMBLE)/
 	$(NMT) evaluate $(recipe) --exp $(ENSEMBLE) $(foreach s,$(SET),--set $(s)) --model $(EXP) $(foreach s,$(SEEDS),--model $(EXP)-seed$(s))

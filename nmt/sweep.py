@@ -186,6 +186,9 @@ def next_trial(study, sweep: Sweep):
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
+    if sweep.file.baseline and not trials:  # a new study: the recipe's own values go first
+        study.enqueue_trial(sweep.baseline_values, user_attrs={"baseline": True})
+        trials = study.get_trials(deepcopy=False)
     waiting = any(t.state == TrialState.WAITING for t in trials)
     if not waiting and len(counted(trials)) >= sweep.n_trials:
         return None
@@ -235,7 +238,7 @@ def retry(study, frozen) -> None:
         state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
         system_attrs=frozen.system_attrs,  # GridSampler's grid_id: the same combination
         user_attrs={"dir": frozen.user_attrs.get("dir", f"{frozen.number:04d}"), "retry_of": frozen.number,
-                    "attempt": attempt + 1}))
+                    "attempt": attempt + 1, **({"baseline": True} if frozen.user_attrs.get("baseline") else {})}))
 
 
 def finish(study, trial, outcome: Outcome) -> None:

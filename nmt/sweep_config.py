@@ -80,6 +80,9 @@ class SweepFile:
     n_trials: int = setting(0, NON_NEGATIVE)  # grid: 0 = every combination; tpe: required
     seed: int = setting(0, ("must be between 0 and 4294967295", lambda v: 0 <= v < 2**32))
     startup_trials: int = setting(10, NON_NEGATIVE)  # tpe: random trials before TPE models the results
+    # tpe: the first trial trains the recipe's own values of the swept keys, under the same budget,
+    # so that the report says whether the search beat the recipe (a grid holds them already)
+    baseline: bool = False
     budget: Budget = field(default_factory=Budget)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -118,6 +121,11 @@ class Sweep:
 
     def budget_values(self) -> dict[str, Any]:
         return budget_values(self.file.budget)
+
+    @property
+    def baseline_values(self) -> dict[str, Any]:
+        """The recipe's own values of the swept keys (with the sweep's --set overrides)."""
+        return {p.key: lookup(self.base, p.key) for p in self.params}
 
     def budget_text(self) -> str:
         """The budget as the sweep file sets it, e.g. `train.max_minutes: 20`."""
@@ -191,6 +199,15 @@ def load_sweep(path: Path, recipe: str, overrides: list[str] | tuple[str, ...] =
             checker.combination(dict(zip((p.key for p in params), values)))
     elif file.n_trials == 0:
         raise ConfigError(f"{source}: n_trials: tpe needs the number of trials to run")
+    if file.baseline:
+        if file.method == "grid":
+            raise ConfigError(f"{source}: baseline: is for tpe; a grid trains the recipe's values when its lists hold them")
+        for param, value in zip(params, sweep.baseline_values.values()):
+            inside = (value in param.choices) if param.choices is not None else param.low <= value <= param.high
+            if not inside:
+                domain = param.choices if param.choices is not None else f"[{param.low:g}, {param.high:g}]"
+                raise ConfigError(f"{source}: baseline: the recipe's {param.key} ({value!r}) is outside the space "
+                                  f"{domain}; widen space.{param.key} or set baseline: false")
     return sweep
 
 

@@ -34,6 +34,7 @@ class Row:
     steps: int | None
     minutes: float | None  # in the training loop, validation included
     note: str = ""
+    baseline: bool = False  # the recipe's own values (sweep file `baseline: true`)
 
 
 def counted(trials: list) -> list:
@@ -50,8 +51,11 @@ def row_of(trial) -> Row:
     note = f"pruned at step {attrs['pruned_at']}" if "pruned_at" in attrs else attrs.get("error", "")
     if state == "fail" and not note:
         note = "its worker stopped every time it ran"
+    baseline = bool(attrs.get("baseline"))
+    if baseline:
+        note = "; ".join(filter(None, ["the recipe's own values", note]))
     return Row(trial.number, attrs.get("dir", f"{trial.number:04d}"), state, dict(trial.params),
-               attrs.get("best_valid_bleu", trial.value), attrs.get("steps"), attrs.get("minutes"), note)
+               attrs.get("best_valid_bleu", trial.value), attrs.get("steps"), attrs.get("minutes"), note, baseline)
 
 
 def ranked(rows: list[Row]) -> list[Row]:
@@ -139,7 +143,21 @@ def _best(sweep: Sweep, out: Path, rows: list[Row]) -> list[str]:
     return ["## Best", "", f"Trial {best.dir} ({values}): best validation BLEU {best.bleu:.2f}. "
             f"[`best.yaml`](best.yaml) extends `{sweep.extends}` with these values and trains with the "
             f"recipe's own limits: `nmt train {path} --exp DIR`, or copy it to `recipes/NAME.yaml` and run "
-            "`make recipe=NAME train`.", ""]
+            "`make recipe=NAME train`.", "", *_against_baseline(best, rows, budget)]
+
+
+def _against_baseline(best: Row, rows: list[Row], budget: str) -> list[str]:
+    """How the best trial compares with the recipe's own values, trained with the same budget."""
+    base = next((r for r in rows if r.baseline), None)
+    if base is None:
+        return []
+    if base.state != "complete" or base.bleu is None:
+        return [f"The recipe's own values (trial {base.dir}) did not complete ({base.state}), so there is "
+                "nothing to compare the best trial with.", ""]
+    if best is base:
+        return [f"No trial beat the recipe's own values (trial {base.dir}, {base.bleu:.2f}) with {budget}.", ""]
+    return [f"Against the recipe's own values, trained with the same budget ({budget}): trial {base.dir}, "
+            f"{base.bleu:.2f}; the best trial is {best.bleu - base.bleu:+.2f} validation BLEU from it.", ""]
 
 
 def _pictures(study, sweep: Sweep, out: Path, rows: list[Row], pictures: bool) -> list[str]:

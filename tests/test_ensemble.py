@@ -214,6 +214,9 @@ def test_make_ensemble_trains_the_seeds_on_one_spm_then_is_up_to_date(mirror, tm
     scores = json.loads((tmp_path / "de-en-ensemble" / "eval" / "scores.json").read_text())
     assert [Path(p).parent.parent.name for p in scores["checkpoint"]] == ["de-en", "de-en-seed4"]
     assert set(scores["scores"]) == {"test", "test2017"}
+    for path in (exp, tmp_path / "de-en-seed4"):  # each model is scored alone as well
+        alone = json.loads((path / "eval" / "scores.json").read_text())
+        assert alone["checkpoint"] == str(path / "model" / "best.pt") and set(alone["scores"]) == {"test", "test2017"}
 
     done = (tmp_path / "de-en-ensemble" / "eval" / "scores.json").stat().st_mtime_ns
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)

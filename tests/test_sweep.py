@@ -79,6 +79,12 @@ OK = "n_trials: 2\nbudget: {max_steps: 2}\n"
      "n_trials: the grid has 2 combinations, fewer than 5"),
     ("method: grid\nbudget: {max_steps: 2}\nspace: {model.hidden_size: [128, 256], model.attention: [luong-dot]}\n",
      "space: the combination {'model.hidden_size': 128, 'model.attention': 'luong-dot'} does not make a valid recipe"),
+    ("method: grid\nbaseline: true\nbudget: {max_steps: 2}\nspace: {model.cell: [gru, lstm]}\n",
+     "baseline: is for tpe"),
+    (OK + "baseline: true\nspace: {model.hidden_size: {low: 16, high: 128}}\n",
+     "baseline: the recipe's model.hidden_size (256) is outside the space [16, 128]"),
+    (OK + "baseline: true\nspace: {model.cell: [lstm, rnn]}\n",
+     "baseline: the recipe's model.cell ('gru') is outside the space ['lstm', 'rnn']"),
 ])
 def test_sweep_file_errors_are_one_line_naming_the_file_and_key(tmp_path, capsys, text, expected):
     path = write_sweep(tmp_path, text)
@@ -156,6 +162,28 @@ def test_tpe_with_the_same_seed_gives_the_same_trials_also_when_resumed(tmp_path
     for picture in ("history.png", "params.png", "importances.png"):
         assert (tmp_path / "a" / picture).stat().st_size > 0
     assert "![parameter importances](importances.png)" in report
+
+
+def test_baseline_trains_the_recipes_own_values_first_and_the_report_compares(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, TPE.format(n=4, seed=3) + "baseline: true\n"), "de-en",
+                       ["model.hidden_size=64"])  # the overrides are part of the recipe's values
+    recipe = load_recipe("de-en", ["model.hidden_size=64"])
+    seen = []
+
+    def objective(trial, values):  # the recipe's values score lowest here: the others beat it
+        seen.append(values)
+        bleu = 10.0 if len(seen) == 1 else 10.0 + len(seen)
+        return Outcome("complete", bleu, {"best_valid_bleu": bleu, "steps": 2, "minutes": 0.1})
+
+    out = tmp_path / "out"
+    assert run_worker(open_study(sweep, out), sweep, objective, out / "ask.lock") == 4
+    assert seen[0] == {"model.cell": recipe.model.cell, "model.hidden_size": 64, "model.dropout": recipe.model.dropout,
+                       "train.lr": recipe.train.lr}
+    assert all(values != seen[0] for values in seen[1:])  # enqueued once, not again on a resume
+    assert run_worker(open_study(sweep, out), sweep, objective, out / "ask.lock") == 0
+    report = write_report(open_study(sweep, out), sweep, out).read_text()
+    assert "| the recipe's own values |" in report
+    assert "trial 0000, 10.00; the best trial is +4.00 validation BLEU from it." in report
 
 
 # -- real tiny sweeps through `nmt sweep` -------------------------------------------------------
