@@ -131,6 +131,14 @@ def machine() -> dict:
             "class": "bf16-native" if caps.native_bf16 else "fp32-only"}
 
 
+def machine_label(record: dict, precision: str) -> str:
+    """One line for a machine() record and the precision that ran on it, e.g. "fp32-only class,
+    AMD EPYC (AVX2), fp32, 2 threads": what a time-budgeted result depends on."""
+    threads = record.get("threads")
+    return (f"{record.get('class', '?')} class, {record.get('cpu', '?')} ({record.get('cpu_capability', '?')}), "
+            f"{precision}, {threads} thread{'s' if threads != 1 else ''}")
+
+
 def autocast(device: torch.device | str, precision: str):
     """bf16: matrix products run in bfloat16 (AVX-512 BF16 on CPU, tensor cores on GPU) while the
     parameters, the recurrent state and the loss stay in fp32. `precision` is a resolved one

@@ -290,7 +290,8 @@ class TrialRunner:
     device: str = "auto"  # where the report's decodes run (training: the recipe's train.device)
 
     def __call__(self, trial, params: dict) -> Outcome:
-        from nmt.train import train  # torch: only once a trial runs
+        from nmt.device import machine_label  # torch: only once a trial runs
+        from nmt.train import train
 
         directory = self.out / "trials" / trial.user_attrs["dir"]
         config = self.sweep.trial_config(params)  # an invalid combination fails here, untrained
@@ -302,7 +303,8 @@ class TrialRunner:
         pruning = Pruning(trial)
         summary = train(config, directory, on_validation=pruning)
         attrs = {"best_valid_bleu": summary["best_valid_bleu"], "best_step": summary["best_step"],
-                 "steps": summary["steps"], "minutes": summary["wall_seconds"] / 60}
+                 "steps": summary["steps"], "minutes": summary["wall_seconds"] / 60,
+                 "machine": machine_label(summary["machine"], summary["precision"]["name"])}
         if pruning.pruned_at is not None:
             attrs["pruned_at"] = pruning.pruned_at
         report = self.sweep.file.report

@@ -35,6 +35,7 @@ class Row:
     minutes: float | None  # in the training loop, validation included
     note: str = ""
     baseline: bool = False  # the recipe's own values (sweep file `baseline: true`)
+    machine: str | None = None  # what it trained on (nmt.device.machine_label)
 
 
 def counted(trials: list) -> list:
@@ -55,7 +56,8 @@ def row_of(trial) -> Row:
     if baseline:
         note = "; ".join(filter(None, ["the recipe's own values", note]))
     return Row(trial.number, attrs.get("dir", f"{trial.number:04d}"), state, dict(trial.params),
-               attrs.get("best_valid_bleu", trial.value), attrs.get("steps"), attrs.get("minutes"), note, baseline)
+               attrs.get("best_valid_bleu", trial.value), attrs.get("steps"), attrs.get("minutes"), note, baseline,
+               attrs.get("machine"))
 
 
 def ranked(rows: list[Row]) -> list[Row]:
@@ -98,7 +100,7 @@ def write_report(study, sweep: Sweep, out: Path, device: str = "auto") -> Path:
              + (f" and --set {' '.join(sweep.overrides)}" if sweep.overrides else "") + ".",
              f"{len(rows)} of {sweep.n_trials} trials: " + ", ".join(f"{n} {s}" for s, n in states.items() if n) + ".",
              "The objective is each trial's best validation BLEU (greedy decoding, as training validates); "
-             "no test set is decoded.", "",
+             "no test set is decoded.", *_machines(sweep, rows), "",
              "## Trials, best first", "",
              "| rank | trial | state | valid BLEU | steps | minutes | " + " | ".join(f"`{k}`" for k in keys) + " | note |",
              "|---:|---|---|---:|---:|---:|" + "---|" * len(keys) + "---|"]
@@ -158,6 +160,22 @@ def _against_baseline(best: Row, rows: list[Row], budget: str) -> list[str]:
         return [f"No trial beat the recipe's own values (trial {base.dir}, {base.bleu:.2f}) with {budget}.", ""]
     return [f"Against the recipe's own values, trained with the same budget ({budget}): trial {base.dir}, "
             f"{base.bleu:.2f}; the best trial is {best.bleu - base.bleu:+.2f} validation BLEU from it.", ""]
+
+
+def _machines(sweep: Sweep, rows: list[Row]) -> list[str]:
+    """What the trials trained on. With a time budget a faster machine trains more updates in the
+    same minutes, so trials are comparable only within one kind of machine: say so when they differ."""
+    trained: dict[str, list[str]] = {}
+    for r in rows:
+        if r.machine:
+            trained.setdefault(r.machine, []).append(r.dir)
+    if len(trained) == 1:
+        return [f"Every trial trained on: {next(iter(trained))}."]
+    lines = [f"The trials trained on {len(trained)} kinds of machine: "
+             + "; ".join(f"{m} (trials {', '.join(dirs)})" for m, dirs in trained.items()) + "."] if trained else []
+    if len(trained) > 1 and sweep.budget_values().get("train.max_minutes"):
+        lines.append("**Their budget is time**, so their BLEU is comparable only between trials of one kind of machine.")
+    return lines
 
 
 def _pictures(study, sweep: Sweep, out: Path, rows: list[Row], pictures: bool) -> list[str]:

@@ -186,6 +186,22 @@ def test_baseline_trains_the_recipes_own_values_first_and_the_report_compares(tm
     assert "trial 0000, 10.00; the best trial is +4.00 validation BLEU from it." in report
 
 
+def test_the_report_says_when_time_budgeted_trials_trained_on_different_machines(tmp_path):
+    text = TPE.format(n=4, seed=2).replace("budget: {max_steps: 2}", "budget: {max_minutes: 5}")
+    sweep = load_sweep(write_sweep(tmp_path, text), "de-en")
+    machines = ["bf16-native class, AMD EPYC (AVX512), bf16, 2 threads", "fp32-only class, AMD EPYC (AVX2), fp32, 2 threads"]
+
+    def objective(trial, values):  # as if two workers on two kinds of machine shared the study
+        return Outcome("complete", 20.0 + trial.number, {"best_valid_bleu": 20.0 + trial.number, "steps": 9,
+                                                         "minutes": 5.0, "machine": machines[trial.number % 2]})
+
+    out = tmp_path / "out"
+    run_worker(open_study(sweep, out), sweep, objective, out / "ask.lock")
+    report = write_report(open_study(sweep, out), sweep, out).read_text()
+    assert f"{machines[0]} (trials 0002, 0000)" in report and f"{machines[1]} (trials 0003, 0001)" in report
+    assert "**Their budget is time**" in report
+
+
 # -- real tiny sweeps through `nmt sweep` -------------------------------------------------------
 
 
@@ -217,6 +233,7 @@ def test_tiny_sweep_end_to_end(mirror, tmp_path, monkeypatch, capsys):
     report = (out / "report.md").read_text()
     assert all(f"[{t.name}](trials/{t.name})" in report for t in trials)
     assert "No parameter importances: " in report and JOINED_NOTE in report
+    assert "Every trial trained on: " in report and " class, " in report  # one machine: this one
     for picture in ("history.png", "params.png", "curves.png", "by_length.png", "by_length_joined.png"):
         assert (out / picture).stat().st_size > 0
     lengths = json.loads((trials[0] / "lengths.json").read_text())
