@@ -83,7 +83,7 @@ $(CHROMIUM):
 # Two test processes: most tests train tiny single-threaded models, so two cores halve the time.
 TEST_WORKERS ?= 2
 test: $(INSTALLED) | $(CHROMIUM)
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) tests
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --durations=15 tests
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check nmt tests bench

@@ -1,8 +1,10 @@
 """The table of the quality screens (bench/screen.sh) or of any trained experiments: per run the
 best validation BLEU, test_2016 and test_2017 BLEU/chrF of best.pt and of the average of the 5
-newest checkpoints (where eval-avg5/ exists), updates, epochs, tokens per epoch and training time.
+newest checkpoints (where eval-avg5/ exists), updates, epochs, tokens per epoch and training time;
+an ensemble's directory (make ensemble: exp/NAME-ensemble) gives its test scores.
 
     .venv/bin/python bench/screens.py [bench/out/screen/*] [--json out.json]
+    .venv/bin/python bench/screens.py exp/de-en exp/de-en-seed2 exp/de-en-seed3 exp/de-en-ensemble --spread
 
 Training time is only comparable between runs that ran alone; screens share the cores, so their
 times say little, and the fixed number of updates is what makes their BLEU comparable.
@@ -27,7 +29,7 @@ def read(path: Path) -> dict | None:
 def row(exp: Path) -> dict | None:
     summary = read(exp / "model" / "summary.json")
     if summary is None:
-        return None
+        return ensemble_row(exp)
     record = {
         "run": exp.name, "steps": summary["steps"], "epochs": summary["epochs"],
         "best_valid_bleu": summary["best_valid_bleu"], "best_step": summary["best_step"],
@@ -44,6 +46,21 @@ def row(exp: Path) -> dict | None:
     return record
 
 
+def ensemble_row(exp: Path) -> dict | None:
+    """An ensemble's evaluation (`make ensemble`: no model of its own, eval/scores.json naming
+    several checkpoints): its test scores, with the members' runs for the other columns."""
+    scores = read(exp / "eval" / "scores.json")
+    if scores is None or not isinstance(scores.get("checkpoint"), list):
+        return None
+    members = [Path(p).parent.parent.name for p in scores["checkpoint"]]
+    record = {"run": f"{exp.name} ({' + '.join(members)})", "steps": None, "epochs": None, "best_valid_bleu": None,
+              "tokens_per_epoch": None, "ensemble": members}
+    for name, s in scores["scores"].items():
+        record[f"best.{name}.bleu"], record[f"best.{name}.chrf"] = s["bleu"], s["chrf"]
+    record["bleu_signature"] = next(iter(scores["scores"].values()))["bleu_signature"]
+    return record
+
+
 def markdown(rows: list[dict]) -> str:
     tests = sorted({k.split(".")[1] for r in rows for k in r if k.startswith("best.")})
     head = ["run", "updates", "epochs", "tok/epoch", "best valid BLEU"]
@@ -51,7 +68,10 @@ def markdown(rows: list[dict]) -> str:
         head += [f"{label} {t} BLEU / chrF" for t in tests]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["run"], str(r["steps"]), str(r["epochs"]), f"{r['tokens_per_epoch']:,}", f"{r['best_valid_bleu']:.2f}"]
+        if "ensemble" in r:
+            cells = [r["run"], "–", "–", "–", "–"]
+        else:
+            cells = [r["run"], str(r["steps"]), str(r["epochs"]), f"{r['tokens_per_epoch']:,}", f"{r['best_valid_bleu']:.2f}"]
         for label in ("best", "avg5"):
             for t in tests:
                 b, c = r.get(f"{label}.{t}.bleu"), r.get(f"{label}.{t}.chrf")
@@ -61,11 +81,13 @@ def markdown(rows: list[dict]) -> str:
 
 
 def spread(rows: list[dict]) -> str:
-    """Mean ± standard deviation over the runs of every score column (for seed groups)."""
-    keys = [k for k in rows[0] if k.split(".")[0] in ("best", "avg5") and k.endswith(("bleu", "chrf"))]
+    """Mean ± standard deviation over the single models' runs of every score column (for seed
+    groups; an ensemble's row is not one of them)."""
+    singles = [r for r in rows if "ensemble" not in r]
+    keys = [k for k in singles[0] if k.split(".")[0] in ("best", "avg5") and k.endswith(("bleu", "chrf"))] if singles else []
     out = []
     for k in keys:
-        values = [r[k] for r in rows if k in r]
+        values = [r[k] for r in singles if k in r]
         if len(values) > 1:
             out.append(f"{k}: {statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})")
     return "\n".join(out)
