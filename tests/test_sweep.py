@@ -346,7 +346,7 @@ def test_joined_captions_join_k_consecutive_lines_on_both_sides():
 def test_sweep_trial_configs_carry_budget_and_values(tmp_path):
     sweep = load_sweep(ROOT / "sweeps" / "cells.yaml", "de-en")
     config = sweep.trial_config({"model.cell": "lstm", "model.attention": "none"})
-    assert (config.model.cell, config.model.attention, config.train.max_minutes) == ("lstm", "none", 20.0)
+    assert (config.model.cell, config.model.attention, config.train.max_minutes) == ("lstm", "none", 10.0)
     assert dataclasses.asdict(config.data) == dataclasses.asdict(sweep.base.data)
     bayes = load_sweep(ROOT / "sweeps" / "bayes.yaml", "de-en")
     assert {p.key for p in bayes.params if p.touches_stages} == {"subword.sampling_alpha"}
