@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--join-wait-ms", type=float, default=0.0)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -63,7 +64,7 @@ def main() -> None:
     timed(BeamSearch, "add", "BeamSearch.add")
     timed(BeamSearch, "step", "BeamSearch.step")
     timed(translator.model, "encode", "model.encode")
-    batcher = Batcher({"m": translator}, args.max_batch, args.max_wait_ms / 1000)
+    batcher = Batcher({"m": translator}, args.max_batch, args.max_wait_ms / 1000, args.join_wait_ms / 1000)
     key = GroupKey("m", args.beam, 1, False)
     batcher.submit(key, sentences[: args.clients]).result()  # warm up
     spent.clear()

@@ -39,13 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 THREADS = "2"
 
 
-def start_server(model: Path, beam: int, threads: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, beam: int, threads: str, log: Path, join_wait_ms: float | None = None) -> tuple[subprocess.Popen, str]:
     """`nmt serve` on a free loopback port; returns it and its URL once it listens."""
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
     env.pop("NMT_API_KEY", None)
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "nmt.cli", "serve", "--model", f"bench={model}",
-                                    "--port", "0", "--threads", threads, "--max-beam", str(max(beam, 16))],
+                                    "--port", "0", "--threads", threads, "--max-beam", str(max(beam, 16)),
+                                    *([] if join_wait_ms is None else ["--join-wait-ms", str(join_wait_ms)])],
                                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while not (found := re.search(r"on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))):
@@ -80,6 +81,14 @@ async def throughput(url: str, sentences: list[str], beam: int, clients: int, ma
     in_rounds = after["mean_batch"] * after["rounds"] - before["mean_batch"] * before["rounds"]
     return {"answers": answers, "seconds": seconds, "sent_per_s": len(answers) / seconds, "rounds": rounds,
             "mean_batch": in_rounds / max(rounds, 1)}
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, all threads) of this process, or of process `pid` from /proc."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def latencies(url: str, sentences: list[str], beam: int, max_seconds: float) -> tuple[list[float], list[str]]:
@@ -134,6 +143,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=600, help="bound on each measurement")
     parser.add_argument("--threads", default=THREADS, help="torch threads of the server and offline")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--join-wait-ms", type=float, default=None, help="the server's (default: its own)")
     args = parser.parse_args()
 
     from nmt.device import machine
@@ -144,11 +154,17 @@ def main() -> None:
     process = None
     with tempfile.TemporaryDirectory() as tmp:
         if args.url is None:
-            process, url = start_server(args.model, args.beam, args.threads, Path(tmp) / "serve.log")
+            process, url = start_server(args.model, args.beam, args.threads, Path(tmp) / "serve.log",
+                                        args.join_wait_ms)
         else:
             url = args.url
         try:
+            # what the clients and the server spend of the two cores while the clients run
+            client_cpu, server_cpu = cpu_seconds(), cpu_seconds(process.pid) if process else None
             served = asyncio.run(throughput(url, sentences, args.beam, args.clients, args.max_seconds))
+            served["client_cpu_s"] = cpu_seconds() - client_cpu
+            if process is not None:
+                served["server_cpu_s"] = cpu_seconds(process.pid) - server_cpu
             latency, latency_answers = latencies(url, single, args.beam, args.max_seconds)
         finally:
             if process is not None:
@@ -160,10 +176,12 @@ def main() -> None:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
     result = {
         "date": stamp, "model": str(args.model), "beam": args.beam, "clients": args.clients,
+        "join_wait_ms": args.join_wait_ms,
         "sentences": len(sentences), "answered": len(served["answers"]), "mismatches": mismatches,
         "machine": {**machine(), "threads": int(args.threads)},
         "served": {"sent_per_s": served["sent_per_s"], "seconds": served["seconds"], "rounds": served["rounds"],
-                   "mean_batch": served["mean_batch"]},
+                   "mean_batch": served["mean_batch"], "client_cpu_s": served["client_cpu_s"],
+                   "server_cpu_s": served.get("server_cpu_s")},
         "offline": {"sent_per_s": local["sent_per_s"], "seconds": local["seconds"],
                     "batch_size": local["batch_size"], "precision": local["precision"]},
         "throughput_ratio": served["sent_per_s"] / local["sent_per_s"],
@@ -180,6 +198,9 @@ def main() -> None:
           f"offline {local['sent_per_s']:.1f} sent/s (batch {local['batch_size']}); "
           f"ratio {result['throughput_ratio']:.2f}; mismatches {mismatches}; the server's mean batch "
           f"{served['mean_batch']:.1f} sentences")
+    server_cpu = f", the server {served['server_cpu_s']:.1f} s" if served.get("server_cpu_s") is not None else ""
+    print(f"CPU time while the clients ran ({served['seconds']:.1f} s): the clients {served['client_cpu_s']:.1f} s"
+          f"{server_cpu}")
     ls, lo = result["latency_served"], result["latency_offline_alone"]
     print(f"latency, one client: median {ls['median_ms']:.1f} ms, p90 {ls['p90_ms']:.1f} ms; one sentence "
           f"decoded alone offline: median {lo['median_ms']:.1f} ms, p90 {lo['p90_ms']:.1f} ms")

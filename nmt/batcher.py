@@ -7,7 +7,9 @@ beam; n-best and attention are each request's own), and starts decoding them tog
 `max_batch` sentences.
 
 Beam search then runs continuously (nmt.search.BeamSearch): between two of its steps, requests of
-its group that came in meanwhile join it while it has room, and each request is answered as soon
+its group that came in meanwhile join it while it has room (once the oldest of them has waited
+`join_wait` seconds, or they fill the room: the encoder costs about as much for one sentence as
+for several, so that joins come in groups under load), and each request is answered as soon
 as its own sentences are done, so a short sentence does not wait for the long ones it shares steps
 with, and the batch stays full under load. A request of more sentences than `max_batch` decodes
 on its own (nmt serve refuses --max-sentences above --max-batch). Within a group requests start in
@@ -19,6 +21,7 @@ the one `nmt translate` gives (tested in tests/test_serve.py and tests/test_sear
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -81,6 +84,10 @@ class Running:
     decode: DecodeConfig
     search: BeamSearch
     jobs: dict[int, Job] = field(default_factory=dict)
+    # One autocast context for the search's whole life: autocast caches its casts of the weights
+    # until its outermost context exits, so a context per step would cast them all again at every
+    # step (search_corpus, too, keeps one for the whole corpus).
+    precision: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
 
 class Batcher:
@@ -89,8 +96,10 @@ class Batcher:
     them; `totals` counts since the start the sentences decoded, the rounds of decoding (a
     greedy batch, or a step of beam search) and the sentences in them (GET /health)."""
 
-    def __init__(self, translators: dict[str, Translator], max_batch: int, max_wait: float):
+    def __init__(self, translators: dict[str, Translator], max_batch: int, max_wait: float,
+                 join_wait: float = 0.0):
         self.translators, self.max_batch, self.max_wait = translators, max_batch, max_wait
+        self.join_wait = join_wait
         self.history: deque[BatchRecord] = deque(maxlen=10_000)
         # (sentences, rounds, sentences in rounds): one tuple, so that a reader sees all at once
         self.totals = (0, 0, 0)
@@ -148,16 +157,20 @@ class Batcher:
                         self._decode_batch(translator, decode, jobs)
                         continue
                     running = Running(key, translator, decode, BeamSearch(translator.model, decode))
+                    running.precision.enter_context(autocast(translator.device, translator.precision.name))
                 if jobs:
                     self._admit(running, jobs)
                 if running.search:
                     self._step(running)
                 if not running.search:
+                    running.precision.close()
                     running = None
             except Exception as err:  # the server stays up; each request hears what went wrong
                 for job in jobs + (list(running.jobs.values()) if running else []):
                     if not job.future.done():
                         job.future.set_exception(err)
+                if running is not None:
+                    running.precision.close()
                 running = None
 
     def _take(self, running: Running | None) -> list[Job] | None:
@@ -165,7 +178,8 @@ class Batcher:
         those of its group that fit beside it, once they fill a batch or the oldest has waited
         max_wait (requests that queued during the last decode have, so under load batches follow
         each other without a pause); None when closed. With a search running: those of its group
-        that fit in its room, without waiting, and none once closed."""
+        that fit in its room, without waiting (none yet while the oldest of them has waited less
+        than join_wait and they do not fill the room), and none once closed."""
         with self._cond:
             if running is None:
                 while not self._pending and not self._closed:
@@ -183,6 +197,10 @@ class Batcher:
                 if self._closed:
                     return []
                 group, room = running.key.group, self.max_batch - len(running.search)
+                joining = [job for job in self._pending if job.key.group == group]
+                if joining and joining[0].arrived + self.join_wait > time.monotonic() and \
+                        sum(len(job.sentences) for job in joining) < room:
+                    return []  # more may come before the next step: one encoder call for them all
             taken, size = [], 0
             for job in list(self._pending):
                 if job.future.cancelled():  # the client went away while it waited
@@ -233,8 +251,7 @@ class Batcher:
         if sequences:
             src_ids, src_lens = pad(sequences)
             try:  # add() changes nothing when it fails: the requests already searching go on
-                with autocast(translator.device, translator.precision.name):
-                    running.search.add(src_ids.to(translator.device), src_lens.to(translator.device), tags)
+                running.search.add(src_ids.to(translator.device), src_lens.to(translator.device), tags)
             except Exception as err:
                 for number in {number for number, _ in tags}:
                     running.jobs.pop(number).future.set_exception(err)
@@ -242,9 +259,8 @@ class Batcher:
             self._answer(running, number)
 
     def _step(self, running: Running) -> None:
-        translator, live = running.translator, len(running.search)
-        with autocast(translator.device, translator.precision.name):
-            done = running.search.step()
+        live = len(running.search)
+        done = running.search.step()
         self._count(0, 1, live)
         for (number, i), hyps in done:
             job = running.jobs[number]

@@ -136,7 +136,8 @@ def cmd_serve(args) -> None:
 
     settings = ServeSettings(max_sentences=args.max_sentences, max_chars=args.max_chars,
                              max_body_bytes=args.max_body_bytes, max_beam=args.max_beam,
-                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+                             max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             join_wait_ms=args.join_wait_ms)
     run_server(args.model, host=args.host, port=args.port, device=args.device,
                precision=args.precision, settings=settings, threads=args.threads)
 
@@ -262,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=64, help="sentences decoded together (default 64)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long a request waits for others to share its batch (default 5)")
+    p.add_argument("--join-wait-ms", type=float, default=20.0,
+                   help="how long requests that came while a search runs may wait to join it "
+                        "together, in one encoder call (default 20; 0: at its next step)")
     p.add_argument("--max-sentences", type=int, default=64, help="sentences per request (default 64)")
     p.add_argument("--max-chars", type=int, default=1000, help="characters per sentence (default 1000)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,

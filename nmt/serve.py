@@ -70,14 +70,15 @@ class ServeSettings:
     max_beam: int = 16  # the largest beam (and nbest) a request may ask for
     max_batch: int = 64  # sentences decoded together
     max_wait_ms: float = 5.0  # how long the oldest request waits for others to share its batch
+    join_wait_ms: float = 20.0  # how long requests may wait to join a running search together
     api_key: str | None = None  # when set, `Authorization: Bearer <key>` (all but OPEN)
 
     def check(self) -> None:
         for field in dataclasses.fields(self):
             value, option = getattr(self, field.name), f"--{field.name.replace('_', '-')}"
-            if field.name == "max_wait_ms" and value < 0:
+            if field.name in ("max_wait_ms", "join_wait_ms") and value < 0:
                 raise NmtError(f"{option} must be 0 or more, got {value}")
-            if field.name not in ("max_wait_ms", "api_key") and value < 1:
+            if field.name not in ("max_wait_ms", "join_wait_ms", "api_key") and value < 1:
                 raise NmtError(f"{option} must be at least 1, got {value}")
         if self.max_sentences > self.max_batch:  # a request is decoded in one batch at most
             raise NmtError(f"--max-sentences {self.max_sentences} is more than --max-batch {self.max_batch}: "
@@ -100,7 +101,7 @@ def create_app(translators: "dict[str, Translator]", settings: ServeSettings | N
     if not translators:
         raise NmtError("nmt serve needs at least one model")
     names = list(translators)
-    batcher = Batcher(translators, settings.max_batch, settings.max_wait_ms / 1000)
+    batcher = Batcher(translators, settings.max_batch, settings.max_wait_ms / 1000, settings.join_wait_ms / 1000)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

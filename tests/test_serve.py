@@ -319,10 +319,12 @@ def test_safe_defaults():
     assert (args.host, args.port) == ("127.0.0.1", 8080)
     defaults = ServeSettings()
     assert (args.max_sentences, args.max_chars, args.max_body_bytes, args.max_beam, args.max_batch,
-            args.max_wait_ms) == (defaults.max_sentences, defaults.max_chars, defaults.max_body_bytes,
-                                  defaults.max_beam, defaults.max_batch, defaults.max_wait_ms)
+            args.max_wait_ms, args.join_wait_ms) == (
+        defaults.max_sentences, defaults.max_chars, defaults.max_body_bytes, defaults.max_beam,
+        defaults.max_batch, defaults.max_wait_ms, defaults.join_wait_ms)
     assert (defaults.max_sentences, defaults.max_chars, defaults.max_body_bytes, defaults.max_beam,
-            defaults.max_batch, defaults.max_wait_ms, defaults.api_key) == (64, 1000, 1 << 20, 16, 64, 5.0, None)
+            defaults.max_batch, defaults.max_wait_ms, defaults.join_wait_ms, defaults.api_key) == (
+        64, 1000, 1 << 20, 16, 64, 5.0, 20.0, None)
 
 
 def test_loopback_addresses():
@@ -405,6 +407,43 @@ def test_requests_that_agree_are_decoded_together(translator, pool):
     [again] = batcher.submit(greedy, pool[:1]).result(timeout=60)
     assert again.text == translator.translations(pool[:1], beam=1)[0].text
     batcher.close()
+
+
+def test_requests_that_come_while_a_search_runs_join_it_together(translator, pool):
+    """With a join wait, requests that arrive while a beam search runs wait to join it in one
+    encoder call: until the oldest of them has waited join_wait, or they fill the search's room.
+    _take is the decoding thread's choice between two steps, asked here of a real search."""
+    from concurrent.futures import Future
+
+    from nmt.batcher import Job, Running
+    from nmt.batches import pad
+    from nmt.search import BeamSearch
+
+    key = GroupKey("tiny", 3, 1, False)
+    batcher = Batcher({"tiny": translator}, max_batch=4, max_wait=0.0, join_wait=0.5)
+    decode = translator.settings(3, batch_size=4)
+    search = BeamSearch(translator.model, decode)
+    src_ids, src_lens = pad(translator.encode(pool[:1], decode))
+    search.add(src_ids, src_lens, [(0, 0)])
+    running = Running(key, translator, decode, search)  # one sentence searching: room for 3
+
+    def waiting(sentences: list[str], waited: float) -> Job:
+        job = Job(key, sentences, Future(), time.monotonic() - waited)
+        batcher._pending.append(job)
+        return job
+
+    first = waiting(pool[1:2], 0.0)
+    assert batcher._take(running) == []  # just came: it waits for company
+    second = waiting(pool[2:3], 0.0)
+    assert batcher._take(running) == [] and len(batcher._pending) == 2
+    first.arrived -= 1.0  # the oldest has now waited longer than join_wait: both join at once
+    assert batcher._take(running) == [first, second] and not batcher._pending
+    full = waiting(pool[3:6], 0.0)  # three sentences fill the room: no waiting
+    assert batcher._take(running) == [full]
+    batcher.join_wait = 0.0  # the default: a request joins at the next step
+    assert batcher._take(running) == [] and batcher._take(running) == []  # (nothing waits)
+    alone = waiting(pool[6:7], 0.0)
+    assert batcher._take(running) == [alone]
 
 
 def test_load_sixteen_clients_lose_no_request(exp):
