@@ -8,8 +8,8 @@ beam; n-best and attention are each request's own), and starts decoding them tog
 
 Beam search then runs continuously (nmt.search.BeamSearch): between two of its steps, requests of
 its group that came in meanwhile join it while it has room (once the oldest of them has waited
-`join_wait` seconds, or they fill the room: the encoder costs about as much for one sentence as
-for several, so that joins come in groups under load), and each request is answered as soon
+`join_wait` seconds, or they fill the room, so that under load several sentences share one
+encoder call), and each request is answered as soon
 as its own sentences are done, so a short sentence does not wait for the long ones it shares steps
 with, and the batch stays full under load. A request of more sentences than `max_batch` decodes
 on its own (nmt serve refuses --max-sentences above --max-batch). Within a group requests start in

@@ -440,7 +440,7 @@ def test_requests_that_come_while_a_search_runs_join_it_together(translator, poo
     assert batcher._take(running) == [first, second] and not batcher._pending
     full = waiting(pool[3:6], 0.0)  # three sentences fill the room: no waiting
     assert batcher._take(running) == [full]
-    batcher.join_wait = 0.0  # the default: a request joins at the next step
+    batcher.join_wait = 0.0  # no join wait: a request joins at the next step
     assert batcher._take(running) == [] and batcher._take(running) == []  # (nothing waits)
     alone = waiting(pool[6:7], 0.0)
     assert batcher._take(running) == [alone]
