@@ -52,6 +52,7 @@ from nmt.schemas import (
 
 if TYPE_CHECKING:  # torch, imported when the models load: a refused --host is said at once
     from nmt.translate import Translator
+    from nmt.worker import BatcherProcess
 
 API_KEY_ENV = "NMT_API_KEY"
 OPEN = {("GET", "/"), ("GET", "/health")}  # what a client may ask without the API key
@@ -95,17 +96,21 @@ def page() -> str | None:
 
 # -- the app ---------------------------------------------------------------------------------------
 
-def create_app(translators: "dict[str, Translator]", settings: ServeSettings | None = None) -> FastAPI:
-    """The API over `translators` (name → Translator; the first is the default)."""
+def create_app(translators: "dict[str, Translator]", settings: ServeSettings | None = None,
+               batcher: "Batcher | BatcherProcess | None" = None) -> FastAPI:
+    """The API over `translators` (name → Translator; the first is the default). They decode in
+    `batcher`: by default a decoding thread of this process; `nmt serve` gives a worker process
+    (nmt.worker) that loaded the same models."""
     settings = settings or ServeSettings()
     if not translators:
         raise NmtError("nmt serve needs at least one model")
     names = list(translators)
-    batcher = Batcher(translators, settings.max_batch, settings.max_wait_ms / 1000, settings.join_wait_ms / 1000)
+    if batcher is None:
+        batcher = Batcher(translators, settings.max_batch, settings.max_wait_ms / 1000, settings.join_wait_ms / 1000)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.open()
+        await asyncio.to_thread(batcher.open)  # a worker process that has stopped starts again
         yield
         await asyncio.to_thread(batcher.close)
 
@@ -282,9 +287,10 @@ def listen(host: str, port: int) -> socket.socket:
 
 def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8080, device: str = "auto",
                precision: str | None = None, settings: ServeSettings | None = None,
-               threads: int | None = None) -> None:
+               threads: int | None = None, in_process: bool = False) -> None:
     """`nmt serve`: refuses a non-loopback --host without NMT_API_KEY, and a port it cannot have,
-    before the models load; then serves until Ctrl-C or SIGTERM."""
+    before the models load; then serves until Ctrl-C or SIGTERM. The models decode in a worker
+    process (nmt.worker), or with `in_process` in a thread of the server's own."""
     settings = dataclasses.replace(settings or ServeSettings(), api_key=os.environ.get(API_KEY_ENV) or None)
     settings.check()
     if threads is not None and threads < 1:
@@ -302,7 +308,15 @@ def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8080, dev
         if threads is not None:
             torch.set_num_threads(threads)
         translators = {spec.name: Translator.load(spec.paths, device, precision) for spec in specs}
-        app = create_app(translators, settings)
+        batcher = None
+        if not in_process:
+            from nmt.worker import BatcherProcess, worker_spec
+
+            batcher = BatcherProcess(worker_spec({spec.name: spec.paths for spec in specs}, device, precision,
+                                                 threads, settings.max_batch, settings.max_wait_ms,
+                                                 settings.join_wait_ms))
+            batcher.start()
+        app = create_app(translators, settings, batcher)
         bound_host, bound_port = sock.getsockname()[:2]
         bound_host = f"[{bound_host}]" if ":" in bound_host else bound_host  # an IPv6 address
         print(f"nmt serve: {', '.join(translators)} on http://{bound_host}:{bound_port}"

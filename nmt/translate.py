@@ -20,7 +20,7 @@ from nmt.errors import NmtError
 from nmt.model import Seq2Seq, build_model
 from nmt.results import Candidate, Translation, WordAttention
 from nmt.search import Hypothesis, search_corpus
-from nmt.subword import OutputVocabulary
+from nmt.subword import OutputVocabulary, encode_lines
 
 
 def checkpoint_of(path: Path) -> Path:
@@ -127,7 +127,7 @@ class Translator:
 
     def encode(self, lines: list[str], decode: DecodeConfig, origin: tuple[str, int] = ("input", 1)) -> list[list[int]]:
         """The lines as source SentencePiece ids, cut to decode.max_src_len (see search())."""
-        src_seqs = self.src_spm.encode(lines)
+        src_seqs = encode_lines(self.src_spm, lines)
         name, first = origin
         for i, seq in enumerate(src_seqs):
             if len(seq) > decode.max_src_len:

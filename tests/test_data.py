@@ -12,7 +12,7 @@ from nmt.config import CleanConfig, load_recipe
 from nmt.corpus import run_data_stage
 from nmt.errors import NmtError
 from nmt.io import read_aligned, read_lines
-from nmt.subword import EncodedSplit, Subwords, run_spm_stage
+from nmt.subword import POOL_FROM_LINES, EncodedSplit, Subwords, encode_lines, run_spm_stage
 
 from .conftest import ROOT, write_gz
 
@@ -118,6 +118,13 @@ def test_spm_stage_round_trip_and_arrays(tiny_exp):
     assert len(train) == manifest["splits"]["train"]["pairs"]
     first = read_lines(exp / "data" / "train.src")[0]
     assert subwords.src.decode(train.src(0).tolist()) == first
+    # a few lines are encoded one by one, a corpus on SentencePiece's pool: the same ids
+    corpus = read_lines(exp / "data" / "train.src")
+    assert len(corpus) < POOL_FROM_LINES  # (the slice is small: repeat it past the threshold)
+    corpus = (corpus * (POOL_FROM_LINES // len(corpus) + 1))[: POOL_FROM_LINES + 1]
+    assert encode_lines(subwords.src, corpus) == subwords.src.encode(corpus)
+    assert encode_lines(subwords.src, corpus[:3]) == subwords.src.encode(corpus[:3]) == \
+        [subwords.src.encode(line) for line in corpus[:3]]
 
 
 def test_spm_stage_needs_data_stage(tmp_path):
