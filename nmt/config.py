@@ -108,6 +108,9 @@ class ModelConfig:
     output_size: int = setting(256, POSITIVE)  # deep output layer before the vocabulary projection
     tie_embeddings: bool = False  # share target embeddings with the output projection
     dropout: float = setting(0.3, FRACTION)
+    # training only: each source and target input token's embedding is dropped whole with this
+    # probability (word dropout; 0 = off)
+    word_dropout: float = setting(0.0, FRACTION)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from nmt.config import Config, config_to_dict
 from nmt.errors import NmtError
 
 # Model keys that may differ between the checkpoint and the recipe: they change no weight.
-NOT_ARCHITECTURE = ("dropout",)
+NOT_ARCHITECTURE = ("dropout", "word_dropout")
 
 
 def load_init(config: Config) -> tuple[Path, dict]:

@@ -19,6 +19,7 @@ V and the loss are nmt.output. Ids 0-3 are pad, unk, bos, eos (nmt.subword).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -126,10 +127,24 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
-        n = x.numel()
-        words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=x.device)
-        keep = words.view(torch.uint8)[:n].view(x.shape) >= self.threshold
-        return x * keep * self.scale
+        return x * self.keep(x.shape, x.device) * self.scale
+
+    def keep(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        n = math.prod(shape)
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64, device=device)
+        return words.view(torch.uint8)[:n].view(shape) >= self.threshold
+
+
+class WordDropout(Dropout):
+    """Drops whole tokens of an embedded sequence (batch, len, embed): all of a token's features at
+    once, so the model must do without the word, not just some of its features (word dropout,
+    Gal & Ghahramani 2016; among the regularisers that helped most on small corpora in Sennrich &
+    Zhang 2019)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        return x * self.keep((*x.shape[:-1], 1), x.device) * self.scale
 
 
 class Encoder(nn.Module):
@@ -142,13 +157,14 @@ class Encoder(nn.Module):
             bidirectional=cfg.bidirectional, dropout=cfg.dropout if cfg.enc_layers > 1 else 0.0,
         )
         self.dropout = Dropout(cfg.dropout)
+        self.word_dropout = WordDropout(cfg.word_dropout)
         self.output_size = cfg.hidden_size * (2 if cfg.bidirectional else 1)
 
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor):
         """src_ids (batch, src_len), src_lens (batch,) → states (batch, src_len, enc_size), summary
         (batch, enc_size): the top layer's last forward and first backward state."""
         batch, src_len = src_ids.shape
-        x = self.dropout(self.embed(src_ids))  # (batch, src_len, embed)
+        x = self.dropout(self.word_dropout(self.embed(src_ids)))  # (batch, src_len, embed)
         # Padding must never change a result. Rather than packing the batch (torch's packed RNN
         # is slower on CPU: it copies and zero-fills per step), every direction runs over the
         # padded batch as if the sentences were alone: the backward direction reads each
@@ -212,6 +228,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.embed.weight
         self.dropout = Dropout(cfg.dropout)
+        self.word_dropout = WordDropout(cfg.word_dropout)
 
     def init_state(self, summary: torch.Tensor) -> DecoderState:
         layers, size = self.cfg.dec_layers, self.cfg.decoder_size
@@ -369,7 +386,7 @@ class Seq2Seq(nn.Module):
         # Everything that does not depend on the previous step is computed for all steps at once:
         # the embeddings and their input projection here, the contexts and the deep output after
         # the loop (unless input feeding needs t_i at the next step).
-        embedded = decoder.dropout(decoder.embed(tgt_in))  # (batch, tgt_len, embed)
+        embedded = decoder.dropout(decoder.word_dropout(decoder.embed(tgt_in)))  # (batch, tgt_len, embed)
         projected = decoder.project_embeddings(embedded)  # (batch, tgt_len, gates * decoder_size)
         states, contexts, weights, outputs = [], [], [], []
         # unbind, not projected[:, i]: the backward of T slices would be T zero-filled

@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from nmt.attention import AdditiveAttention, FixedContext, build_attention
 from nmt.config import DecodeConfig, ModelConfig
 from nmt.device import autocast
-from nmt.model import Decoder, DecoderState, Encoder, Memory, build_model
+from nmt.model import Decoder, DecoderState, Encoder, Memory, WordDropout, build_model
 from nmt.search import search_corpus
 from nmt.train import train_step
 
@@ -69,6 +69,28 @@ def test_deep_tied_unidirectional_variant_trains():
     loss.backward()
     assert batch.num_tgt_tokens == sum(len(s) + 1 for s in sources) and torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_word_dropout_drops_whole_tokens_in_training_only():
+    torch.manual_seed(0)
+    drop = WordDropout(0.5)
+    x = torch.randn(8, 30, 16) + 5.0  # (batch, len, embed), no zero feature
+    out = drop(x)
+    dropped = (out == 0).all(-1)  # (batch, len)
+    assert torch.equal((out != 0).all(-1), ~dropped)  # a token is kept or dropped whole
+    assert torch.allclose(out[~dropped], 2.0 * x[~dropped])  # kept ones scaled by 1 / (1 - p)
+    assert 0.35 < dropped.float().mean() < 0.65
+    assert torch.equal(drop.eval()(x), x)
+    # in a model: training takes both sides' tokens away, so the loss differs; search never does
+    cfg = small_config(word_dropout=0.5, dropout=0.0)
+    model = build_model(cfg, VOCAB, VOCAB).train()
+    sources = random_strings(np.random.default_rng(3), 8, 3, 6)
+    batch = make_batch(sources, sources)
+    torch.manual_seed(1)
+    with_drop = loss_of(model, batch).item()
+    model.encoder.word_dropout.threshold = model.decoder.word_dropout.threshold = 0
+    torch.manual_seed(1)
+    assert loss_of(model, batch).item() != with_drop
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
