@@ -39,14 +39,16 @@ ROOT = Path(__file__).resolve().parent.parent
 THREADS = "2"
 
 
-def start_server(model: Path, beam: int, threads: str, log: Path, join_wait_ms: float | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, beam: int, threads: str, log: Path, join_wait_ms: float | None = None,
+                 in_process: bool = False) -> tuple[subprocess.Popen, str]:
     """`nmt serve` on a free loopback port; returns it and its URL once it listens."""
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
     env.pop("NMT_API_KEY", None)
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "nmt.cli", "serve", "--model", f"bench={model}",
                                     "--port", "0", "--threads", threads, "--max-beam", str(max(beam, 16)),
-                                    *([] if join_wait_ms is None else ["--join-wait-ms", str(join_wait_ms)])],
+                                    *([] if join_wait_ms is None else ["--join-wait-ms", str(join_wait_ms)]),
+                                    *(["--in-process"] if in_process else [])],
                                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while not (found := re.search(r"on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))):
@@ -89,6 +91,20 @@ def cpu_seconds(pid: int | None = None) -> float:
         return time.process_time()
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and theirs (nmt serve's worker and its resource tracker)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *descendants(int(child))]
+    return found
+
+
+def tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of a server process and of the processes it started."""
+    return {"server": cpu_seconds(pid), "workers": sum(cpu_seconds(child) for child in descendants(pid))}
 
 
 def latencies(url: str, sentences: list[str], beam: int, max_seconds: float) -> tuple[list[float], list[str]]:
@@ -144,6 +160,7 @@ def main() -> None:
     parser.add_argument("--threads", default=THREADS, help="torch threads of the server and offline")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--join-wait-ms", type=float, default=None, help="the server's (default: its own)")
+    parser.add_argument("--in-process", action="store_true", help="nmt serve --in-process: no worker process")
     args = parser.parse_args()
 
     from nmt.device import machine
@@ -155,16 +172,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.url is None:
             process, url = start_server(args.model, args.beam, args.threads, Path(tmp) / "serve.log",
-                                        args.join_wait_ms)
+                                        args.join_wait_ms, args.in_process)
         else:
             url = args.url
         try:
             # what the clients and the server spend of the two cores while the clients run
-            client_cpu, server_cpu = cpu_seconds(), cpu_seconds(process.pid) if process else None
+            client_cpu, server_cpu = cpu_seconds(), tree_cpu(process.pid) if process else None
             served = asyncio.run(throughput(url, sentences, args.beam, args.clients, args.max_seconds))
             served["client_cpu_s"] = cpu_seconds() - client_cpu
             if process is not None:
-                served["server_cpu_s"] = cpu_seconds(process.pid) - server_cpu
+                after = tree_cpu(process.pid)
+                served["server_cpu_s"] = after["server"] - server_cpu["server"]
+                served["worker_cpu_s"] = after["workers"] - server_cpu["workers"]
             latency, latency_answers = latencies(url, single, args.beam, args.max_seconds)
         finally:
             if process is not None:
@@ -176,12 +195,12 @@ def main() -> None:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
     result = {
         "date": stamp, "model": str(args.model), "beam": args.beam, "clients": args.clients,
-        "join_wait_ms": args.join_wait_ms,
+        "join_wait_ms": args.join_wait_ms, "in_process": args.in_process,
         "sentences": len(sentences), "answered": len(served["answers"]), "mismatches": mismatches,
         "machine": {**machine(), "threads": int(args.threads)},
         "served": {"sent_per_s": served["sent_per_s"], "seconds": served["seconds"], "rounds": served["rounds"],
                    "mean_batch": served["mean_batch"], "client_cpu_s": served["client_cpu_s"],
-                   "server_cpu_s": served.get("server_cpu_s")},
+                   "server_cpu_s": served.get("server_cpu_s"), "worker_cpu_s": served.get("worker_cpu_s")},
         "offline": {"sent_per_s": local["sent_per_s"], "seconds": local["seconds"],
                     "batch_size": local["batch_size"], "precision": local["precision"]},
         "throughput_ratio": served["sent_per_s"] / local["sent_per_s"],
@@ -198,7 +217,9 @@ def main() -> None:
           f"offline {local['sent_per_s']:.1f} sent/s (batch {local['batch_size']}); "
           f"ratio {result['throughput_ratio']:.2f}; mismatches {mismatches}; the server's mean batch "
           f"{served['mean_batch']:.1f} sentences")
-    server_cpu = f", the server {served['server_cpu_s']:.1f} s" if served.get("server_cpu_s") is not None else ""
+    server_cpu = ""
+    if served.get("server_cpu_s") is not None:
+        server_cpu = f", the server {served['server_cpu_s']:.1f} s, its worker {served['worker_cpu_s']:.1f} s"
     print(f"CPU time while the clients ran ({served['seconds']:.1f} s): the clients {served['client_cpu_s']:.1f} s"
           f"{server_cpu}")
     ls, lo = result["latency_served"], result["latency_offline_alone"]

@@ -307,11 +307,16 @@ def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8080, dev
 
         if threads is not None:
             torch.set_num_threads(threads)
-        translators = {spec.name: Translator.load(spec.paths, device, precision) for spec in specs}
         batcher = None
-        if not in_process:
+        if in_process:
+            translators = {spec.name: Translator.load(spec.paths, device, precision) for spec in specs}
+        else:
             from nmt.worker import BatcherProcess, worker_spec
 
+            # This process only describes the models (GET /models, default beams): on the CPU, so
+            # that a GPU holds them once, in the worker, which says which device and precision run.
+            translators = {spec.name: Translator.load(spec.paths, "cpu", "fp32", log=lambda line: None)
+                           for spec in specs}
             batcher = BatcherProcess(worker_spec({spec.name: spec.paths for spec in specs}, device, precision,
                                                  threads, settings.max_batch, settings.max_wait_ms,
                                                  settings.join_wait_ms))

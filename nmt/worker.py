@@ -68,8 +68,9 @@ def work(conn: Connection, spec: WorkerSpec) -> None:
 
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
+    said: list[str] = []  # the lines loading says (which precision runs), for the server to print
     try:
-        translators = {name: Translator.load(paths, spec.device, spec.precision, log=lambda line: None)
+        translators = {name: Translator.load(paths, spec.device, spec.precision, log=said.append)
                        for name, paths in spec.models.items()}
     except Exception as err:
         conn.send(("failed", f"{err}"))
@@ -89,7 +90,7 @@ def work(conn: Connection, spec: WorkerSpec) -> None:
         with sending:
             conn.send(("answer", number, *outcome, batcher.totals))
 
-    conn.send(("ready", None))
+    conn.send(("ready", list(dict.fromkeys(said))))
     while True:
         try:
             message = conn.recv()
@@ -149,6 +150,8 @@ class BatcherProcess:
         if kind != "ready":
             process.join()
             raise NmtError(f"nmt serve: the decoding process could not load the models: {detail}")
+        for line in detail:
+            print(line, file=sys.stderr, flush=True)
         with self._lock:
             self._conn, self._process = ours, process
         self._reader = threading.Thread(target=self._read, args=(ours, process), name="nmt-answers", daemon=True)
@@ -190,7 +193,11 @@ class BatcherProcess:
                 raise ShuttingDown("the decoding process is restarting; try again in a few seconds")
             number = next(self._numbers)
             self._futures[number] = future
-            self._conn.send(("submit", number, (tuple(key), sentences)))
+            try:
+                self._conn.send(("submit", number, (tuple(key), sentences)))
+            except OSError:  # it has just died: the reader is about to start another
+                del self._futures[number]
+                raise ShuttingDown("the decoding process is restarting; try again in a few seconds") from None
         future.add_done_callback(lambda f: f.cancelled() and self._cancel(number))
         return future
 

@@ -359,11 +359,13 @@ def test_model_names(exp, tmp_path):
         parse_models([f"={exp}"])
 
 
-def test_nmt_serve_runs_and_stops_on_sigterm(exp, pool, translator, tmp_path):
+@pytest.mark.parametrize("where", ["worker", "in-process"])
+def test_nmt_serve_runs_and_stops_on_sigterm(exp, pool, translator, tmp_path, where):
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "nmt.cli", "serve", "--model", f"tiny={exp}",
-                                    "--port", "0", "--threads", "1"], stdout=out, stderr=subprocess.STDOUT,
+                                    "--port", "0", "--threads", "1", *(["--in-process"] if where == "in-process" else [])],
+                                   stdout=out, stderr=subprocess.STDOUT,
                                    cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "NMT_API_KEY"})
     try:
         deadline = time.monotonic() + 120
@@ -376,11 +378,16 @@ def test_nmt_serve_runs_and_stops_on_sigterm(exp, pool, translator, tmp_path):
             answer = http.post("/translate", json={"sentences": pool[:3]}).json()
             assert [t["translation"] for t in answer["translations"]] == translator.translate(pool[:3])
             assert http.get("/models").json()["models"][0]["checkpoint"] == "best.pt"
+            children = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
+                        for pid in (task / "children").read_text().split()]
+            workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            assert len(workers) == (1 if where == "worker" else 0)
     finally:
         process.send_signal(signal.SIGTERM)
         status = process.wait(60)
     assert status == 0, log.read_text()
     assert "Traceback" not in log.read_text()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # the worker stopped with it
 
 
 # -- batching and load -----------------------------------------------------------------------------
