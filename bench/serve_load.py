@@ -13,7 +13,9 @@ Measures, on the test sentences of an experiment (data/test.src, the first --lim
 Every answer is checked against the offline translation (`mismatches` should be 0). The server
 runs with --threads torch threads and the offline decoding with as many; the clients run in this
 process, on the same machine. The server is stopped before the offline decoding, so the two never
-share the processor. Writes <out>/serve-<date>.json with the machine (nmt.device.machine) and
+share the processor. While the clients run it counts the CPU time of the clients, of the server
+process and of its worker (nmt serve decodes in a worker process unless --in-process is given).
+Writes <out>/serve-<date>.json with the machine (nmt.device.machine) and
 prints a summary.
 """
 
