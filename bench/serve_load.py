@@ -42,7 +42,7 @@ THREADS = "2"
 
 
 def start_server(model: Path, beam: int, threads: str, log: Path, join_wait_ms: float | None = None,
-                 in_process: bool = False) -> tuple[subprocess.Popen, str]:
+                 in_process: bool = False, workers: int = 1) -> tuple[subprocess.Popen, str]:
     """`nmt serve` on a free loopback port; returns it and its URL once it listens."""
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
     env.pop("NMT_API_KEY", None)
@@ -50,7 +50,7 @@ def start_server(model: Path, beam: int, threads: str, log: Path, join_wait_ms: 
         process = subprocess.Popen([sys.executable, "-m", "nmt.cli", "serve", "--model", f"bench={model}",
                                     "--port", "0", "--threads", threads, "--max-beam", str(max(beam, 16)),
                                     *([] if join_wait_ms is None else ["--join-wait-ms", str(join_wait_ms)]),
-                                    *(["--in-process"] if in_process else [])],
+                                    *(["--in-process"] if in_process else []), "--workers", str(workers)],
                                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while not (found := re.search(r"on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))):
@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--join-wait-ms", type=float, default=None, help="the server's (default: its own)")
     parser.add_argument("--in-process", action="store_true", help="nmt serve --in-process: no worker process")
+    parser.add_argument("--workers", type=int, default=1, help="nmt serve --workers: decoding processes")
     args = parser.parse_args()
 
     from nmt.device import machine
@@ -174,7 +175,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.url is None:
             process, url = start_server(args.model, args.beam, args.threads, Path(tmp) / "serve.log",
-                                        args.join_wait_ms, args.in_process)
+                                        args.join_wait_ms, args.in_process, args.workers)
         else:
             url = args.url
         try:
@@ -197,7 +198,7 @@ def main() -> None:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
     result = {
         "date": stamp, "model": str(args.model), "beam": args.beam, "clients": args.clients,
-        "join_wait_ms": args.join_wait_ms, "in_process": args.in_process,
+        "join_wait_ms": args.join_wait_ms, "in_process": args.in_process, "workers": args.workers,
         "sentences": len(sentences), "answered": len(served["answers"]), "mismatches": mismatches,
         "machine": {**machine(), "threads": int(args.threads)},
         "served": {"sent_per_s": served["sent_per_s"], "seconds": served["seconds"], "rounds": served["rounds"],
@@ -221,7 +222,7 @@ def main() -> None:
           f"{served['mean_batch']:.1f} sentences")
     server_cpu = ""
     if served.get("server_cpu_s") is not None:
-        server_cpu = f", the server {served['server_cpu_s']:.1f} s, its worker {served['worker_cpu_s']:.1f} s"
+        server_cpu = f", the server {served['server_cpu_s']:.1f} s, its workers {served['worker_cpu_s']:.1f} s"
     print(f"CPU time while the clients ran ({served['seconds']:.1f} s): the clients {served['client_cpu_s']:.1f} s"
           f"{server_cpu}")
     ls, lo = result["latency_served"], result["latency_offline_alone"]

@@ -139,7 +139,8 @@ def cmd_serve(args) -> None:
                              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              join_wait_ms=args.join_wait_ms)
     run_server(args.model, host=args.host, port=args.port, device=args.device,
-               precision=args.precision, settings=settings, threads=args.threads, in_process=args.in_process)
+               precision=args.precision, settings=settings, threads=args.threads, in_process=args.in_process,
+               workers=args.workers)
 
 
 def cmd_sweep(args) -> None:
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="request body size (default 1048576)")
     p.add_argument("--max-beam", type=int, default=16, help="largest beam a request may ask for (default 16)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="decoding processes, each batching the requests it is given and taking its "
+                        "share of --threads (default 1)")
     p.add_argument("--in-process", action="store_true",
                    help="decode in a thread of the server's process instead of a worker process of "
                         "its own (which the server's Python does not slow down)")

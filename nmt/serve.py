@@ -52,7 +52,7 @@ from nmt.schemas import (
 
 if TYPE_CHECKING:  # torch, imported when the models load: a refused --host is said at once
     from nmt.translate import Translator
-    from nmt.worker import BatcherProcess
+    from nmt.worker import BatcherProcess, WorkerPool
 
 API_KEY_ENV = "NMT_API_KEY"
 OPEN = {("GET", "/"), ("GET", "/health")}  # what a client may ask without the API key
@@ -97,7 +97,7 @@ def page() -> str | None:
 # -- the app ---------------------------------------------------------------------------------------
 
 def create_app(translators: "dict[str, Translator]", settings: ServeSettings | None = None,
-               batcher: "Batcher | BatcherProcess | None" = None) -> FastAPI:
+               batcher: "Batcher | BatcherProcess | WorkerPool | None" = None) -> FastAPI:
     """The API over `translators` (name → Translator; the first is the default). They decode in
     `batcher`: by default a decoding thread of this process; `nmt serve` gives a worker process
     (nmt.worker) that loaded the same models."""
@@ -287,14 +287,19 @@ def listen(host: str, port: int) -> socket.socket:
 
 def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8080, device: str = "auto",
                precision: str | None = None, settings: ServeSettings | None = None,
-               threads: int | None = None, in_process: bool = False) -> None:
+               threads: int | None = None, in_process: bool = False, workers: int = 1) -> None:
     """`nmt serve`: refuses a non-loopback --host without NMT_API_KEY, and a port it cannot have,
-    before the models load; then serves until Ctrl-C or SIGTERM. The models decode in a worker
-    process (nmt.worker), or with `in_process` in a thread of the server's own."""
+    before the models load; then serves until Ctrl-C or SIGTERM. The models decode in `workers`
+    worker processes (nmt.worker) that share the `threads` (torch's number by default), or with
+    `in_process` in a thread of the server's own."""
     settings = dataclasses.replace(settings or ServeSettings(), api_key=os.environ.get(API_KEY_ENV) or None)
     settings.check()
     if threads is not None and threads < 1:
         raise NmtError(f"--threads must be at least 1, got {threads}")
+    if workers < 1:
+        raise NmtError(f"--workers must be at least 1, got {workers}")
+    if in_process and workers > 1:
+        raise NmtError(f"--in-process decodes in one thread of the server: it cannot have --workers {workers}")
     if settings.api_key is None and not is_loopback(host):
         raise NmtError(f"--host {host} is not a loopback address: set {API_KEY_ENV} so that requests "
                        "need a key, or leave --host at 127.0.0.1")
@@ -311,15 +316,17 @@ def run_server(models: list[str], host: str = "127.0.0.1", port: int = 8080, dev
         if in_process:
             translators = {spec.name: Translator.load(spec.paths, device, precision) for spec in specs}
         else:
-            from nmt.worker import BatcherProcess, worker_spec
+            from nmt.worker import WorkerPool, worker_spec
 
             # This process only describes the models (GET /models, default beams): on the CPU, so
             # that a GPU holds them once, in the worker, which says which device and precision run.
             translators = {spec.name: Translator.load(spec.paths, "cpu", "fp32", log=lambda line: None)
                            for spec in specs}
-            batcher = BatcherProcess(worker_spec({spec.name: spec.paths for spec in specs}, device, precision,
-                                                 threads, settings.max_batch, settings.max_wait_ms,
-                                                 settings.join_wait_ms))
+            # The threads are shared out: two workers of two threads each on two cores would fight.
+            each = max(1, (threads or torch.get_num_threads()) // workers)
+            batcher = WorkerPool(worker_spec({spec.name: spec.paths for spec in specs}, device, precision,
+                                             each, settings.max_batch, settings.max_wait_ms,
+                                             settings.join_wait_ms), workers)
             batcher.start()
         app = create_app(translators, settings, batcher)
         bound_host, bound_port = sock.getsockname()[:2]

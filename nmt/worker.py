@@ -10,6 +10,12 @@ Batcher; the server sends each request's sentences with a number and gets back t
 BatcherProcess has the Batcher's interface (submit, open, close, totals), so the app does not
 know which one it has. If the worker dies, the requests it held fail with the reason, requests
 are refused with 503 while a new worker loads, and the server stays up.
+
+WorkerPool runs several workers (`nmt serve --workers N`), each with its share of the threads, and
+gives each request to the one with the fewest sentences outstanding. Beam search over the few
+sentences of concurrent one-sentence clients is a chain of small matrix products that two torch
+threads barely split, so on a CPU two single-threaded workers, each batching its half of the
+clients, can keep both cores busy where one worker keeps about one.
 """
 
 from __future__ import annotations
@@ -130,6 +136,7 @@ class BatcherProcess:
         self._reader: threading.Thread | None = None
         self._closed = False
         self.restarts = 0  # workers started again after one died
+        self.outstanding = 0  # sentences submitted and not yet answered (WorkerPool balances on it)
 
     # -- the worker's life ---------------------------------------------------------------------------
 
@@ -184,6 +191,11 @@ class BatcherProcess:
 
     # -- requests ------------------------------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """A worker is there to take requests (not while one restarts or after close)."""
+        return self._conn is not None and not self._closed
+
     def submit(self, key: GroupKey, sentences: list[str]) -> Future[list[Translation]]:
         future: Future[list[Translation]] = Future()
         with self._lock:
@@ -198,8 +210,15 @@ class BatcherProcess:
             except OSError:  # it has just died: the reader is about to start another
                 del self._futures[number]
                 raise ShuttingDown("the decoding process is restarting; try again in a few seconds") from None
-        future.add_done_callback(lambda f: f.cancelled() and self._cancel(number))
+            self.outstanding += len(sentences)
+        future.add_done_callback(lambda f: self._done(f, number, len(sentences)))
         return future
+
+    def _done(self, future: Future, number: int, sentences: int) -> None:
+        with self._lock:
+            self.outstanding -= sentences
+        if future.cancelled():
+            self._cancel(number)
 
     def _cancel(self, number: int) -> None:
         with self._lock:
@@ -251,6 +270,48 @@ class BatcherProcess:
         for future in futures.values():
             if future.set_running_or_notify_cancel():
                 future.set_exception(err)
+
+
+class WorkerPool:
+    """Several worker processes behind the Batcher's interface. A request goes whole to the live
+    worker with the fewest sentences outstanding (the first on ties), so that under load each
+    batches about as many; totals are the workers' summed. Each worker restarts on its own when
+    it dies, and requests go to the others meanwhile."""
+
+    def __init__(self, spec: WorkerSpec, workers: int):
+        if workers < 1:
+            raise NmtError(f"--workers must be at least 1, got {workers}")
+        self.workers = [BatcherProcess(spec) for _ in range(workers)]
+        self._lock = threading.Lock()
+
+    @property
+    def totals(self) -> tuple[int, int, int]:
+        return tuple(sum(column) for column in zip(*(w.totals for w in self.workers)))  # type: ignore[return-value]
+
+    @property
+    def restarts(self) -> int:
+        return sum(w.restarts for w in self.workers)
+
+    def start(self) -> None:
+        try:
+            for worker in self.workers:
+                worker.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def open(self) -> None:
+        for worker in self.workers:
+            worker.open()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+
+    def submit(self, key: GroupKey, sentences: list[str]) -> Future[list[Translation]]:
+        with self._lock:  # so that requests arriving together see each other's counts
+            live = [w for w in self.workers if w.alive] or self.workers  # none live: say why
+            return min(live, key=lambda w: w.outstanding).submit(key, sentences)
 
 
 def worker_spec(models: dict[str, list[Path]], device: str, precision: str | None, threads: int | None,

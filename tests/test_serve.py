@@ -338,7 +338,8 @@ def test_a_port_in_use_and_bad_settings_are_one_line(exp, capsys):
         assert main(["serve", "--model", str(exp), "--port", str(port)]) == 2
         assert re.fullmatch(rf"nmt serve: error: cannot listen on 127\.0\.0\.1:{port} \(.+\)\n",
                             capsys.readouterr().err)
-    for option in ("--max-batch", "--max-sentences", "--max-chars", "--max-body-bytes", "--max-beam", "--threads"):
+    for option in ("--max-batch", "--max-sentences", "--max-chars", "--max-body-bytes", "--max-beam", "--threads",
+                   "--workers"):
         assert main(["serve", "--model", str(exp), option, "0"]) == 2
         assert capsys.readouterr().err == f"nmt serve: error: {option} must be at least 1, got 0\n"
     assert main(["serve", "--model", str(exp), "--max-wait-ms", "-1"]) == 2
@@ -346,6 +347,9 @@ def test_a_port_in_use_and_bad_settings_are_one_line(exp, capsys):
     assert main(["serve", "--model", str(exp), "--max-batch", "8"]) == 2  # a request fits in a batch
     assert capsys.readouterr().err == ("nmt serve: error: --max-sentences 64 is more than --max-batch 8: "
                                        "lower it, or raise --max-batch\n")
+    assert main(["serve", "--model", str(exp), "--in-process", "--workers", "2"]) == 2
+    assert capsys.readouterr().err == ("nmt serve: error: --in-process decodes in one thread of the server: "
+                                       "it cannot have --workers 2\n")
 
 
 def test_model_names(exp, tmp_path):
@@ -359,12 +363,13 @@ def test_model_names(exp, tmp_path):
         parse_models([f"={exp}"])
 
 
-@pytest.mark.parametrize("where", ["worker", "in-process"])
+@pytest.mark.parametrize("where", ["worker", "in-process", "two workers"])
 def test_nmt_serve_runs_and_stops_on_sigterm(exp, pool, translator, tmp_path, where):
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "nmt.cli", "serve", "--model", f"tiny={exp}",
-                                    "--port", "0", "--threads", "1", *(["--in-process"] if where == "in-process" else [])],
+                                    "--port", "0", "--threads", "1", *(["--in-process"] if where == "in-process" else []),
+                                    *(["--workers", "2"] if where == "two workers" else [])],
                                    stdout=out, stderr=subprocess.STDOUT,
                                    cwd=ROOT, env={k: v for k, v in os.environ.items() if k != "NMT_API_KEY"})
     try:
@@ -381,7 +386,7 @@ def test_nmt_serve_runs_and_stops_on_sigterm(exp, pool, translator, tmp_path, wh
             children = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
                         for pid in (task / "children").read_text().split()]
             workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-            assert len(workers) == (1 if where == "worker" else 0)
+            assert len(workers) == {"worker": 1, "in-process": 0, "two workers": 2}[where]
     finally:
         process.send_signal(signal.SIGTERM)
         status = process.wait(60)

@@ -14,7 +14,7 @@ from nmt import Translator
 from nmt.batcher import GroupKey, ShuttingDown
 from nmt.errors import NmtError
 from nmt.io import read_lines
-from nmt.worker import BatcherProcess, WorkerGone, worker_spec
+from nmt.worker import BatcherProcess, WorkerGone, WorkerPool, worker_spec
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,33 @@ def test_models_the_worker_cannot_load_are_one_line(exp, tmp_path):
     with pytest.raises(NmtError, match=rf"could not load the models: .*{broken.name}") as err:
         BatcherProcess(spec({"tiny": [exp], "broken": [broken]})).start()
     assert "\n" not in str(err.value)
+
+
+def test_a_pool_shares_requests_out_and_outlives_a_worker(exp, pool):
+    """Concurrent requests go to the worker with the fewest sentences outstanding, so both decode;
+    the answers are the translator's; while one worker restarts, the other takes every request."""
+    translator = Translator.load(exp, device="cpu")
+    expected = [t.text for t in translator.translations(pool, beam=3)]
+    workers = WorkerPool(spec({"tiny": [exp]}), 2)
+    workers.start()
+    try:
+        key = GroupKey("tiny", 3, 1, False)
+        futures = [workers.submit(key, [line]) for line in pool]  # all at once: the counts alternate
+        assert [f.result(timeout=120)[0].text for f in futures] == expected
+        assert [w.totals[0] for w in workers.workers] == [len(pool) // 2] * 2
+        assert workers.totals[0] == len(pool) and all(w.outstanding == 0 for w in workers.workers)
+        first = workers.workers[0]
+        pid = first._process.pid
+        os.kill(pid, signal.SIGSTOP)  # held until it is killed: a request in it fails, not lost
+        held = workers.submit(key, pool[:1])
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerGone):
+            held.result(timeout=60)
+        wait_for(lambda: first.restarts == 1)
+        assert [t.text for t in workers.submit(key, pool[:2]).result(timeout=120)] == expected[:2]
+        wait_for(lambda: first.alive)
+        assert workers.restarts == 1
+    finally:
+        workers.close()
+    with pytest.raises(ShuttingDown):
+        workers.submit(GroupKey("tiny", 3, 1, False), pool[:1])
