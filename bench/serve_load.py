@@ -14,7 +14,7 @@ Every answer is checked against the offline translation (`mismatches` should be 
 runs with --threads torch threads and the offline decoding with as many; the clients run in this
 process, on the same machine. The server is stopped before the offline decoding, so the two never
 share the processor. While the clients run it counts the CPU time of the clients, of the server
-process and of its worker (nmt serve decodes in a worker process unless --in-process is given).
+process and of its workers (nmt serve decodes in worker processes unless --in-process is given).
 Writes <out>/serve-<date>.json with the machine (nmt.device.machine) and
 prints a summary.
 """
@@ -42,7 +42,7 @@ THREADS = "2"
 
 
 def start_server(model: Path, beam: int, threads: str, log: Path, join_wait_ms: float | None = None,
-                 in_process: bool = False, workers: int = 1) -> tuple[subprocess.Popen, str]:
+                 in_process: bool = False, workers: int | None = None) -> tuple[subprocess.Popen, str]:
     """`nmt serve` on a free loopback port; returns it and its URL once it listens."""
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
     env.pop("NMT_API_KEY", None)
@@ -50,7 +50,8 @@ def start_server(model: Path, beam: int, threads: str, log: Path, join_wait_ms: 
         process = subprocess.Popen([sys.executable, "-m", "nmt.cli", "serve", "--model", f"bench={model}",
                                     "--port", "0", "--threads", threads, "--max-beam", str(max(beam, 16)),
                                     *([] if join_wait_ms is None else ["--join-wait-ms", str(join_wait_ms)]),
-                                    *(["--in-process"] if in_process else []), "--workers", str(workers)],
+                                    *(["--in-process"] if in_process else []),
+                                    *([] if workers is None else ["--workers", str(workers)])],
                                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while not (found := re.search(r"on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))):
@@ -163,7 +164,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--join-wait-ms", type=float, default=None, help="the server's (default: its own)")
     parser.add_argument("--in-process", action="store_true", help="nmt serve --in-process: no worker process")
-    parser.add_argument("--workers", type=int, default=1, help="nmt serve --workers: decoding processes")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="nmt serve --workers: decoding processes (default: the server's own)")
     args = parser.parse_args()
 
     from nmt.device import machine

@@ -272,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="request body size (default 1048576)")
     p.add_argument("--max-beam", type=int, default=16, help="largest beam a request may ask for (default 16)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=int, default=None,
                    help="decoding processes, each batching the requests it is given and taking its "
-                        "share of --threads (default 1)")
+                        "share of --threads (default: 2 on a CPU with 2 threads or more, else 1)")
     p.add_argument("--in-process", action="store_true",
                    help="decode in a thread of the server's process instead of a worker process of "
                         "its own (which the server's Python does not slow down)")

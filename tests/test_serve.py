@@ -36,6 +36,7 @@ from nmt.io import read_lines
 from nmt.serve import (
     ServeSettings,
     create_app,
+    default_workers,
     is_loopback,
     listen,
     page,
@@ -325,6 +326,10 @@ def test_safe_defaults():
     assert (defaults.max_sentences, defaults.max_chars, defaults.max_body_bytes, defaults.max_beam,
             defaults.max_batch, defaults.max_wait_ms, defaults.join_wait_ms, defaults.api_key) == (
         64, 1000, 1 << 20, 16, 64, 5.0, 20.0, None)
+
+
+def test_two_workers_by_default_on_a_cpu_with_two_threads():
+    assert [default_workers("cpu", threads) for threads in (1, 2, 8)] == [1, 2, 2]
 
 
 def test_loopback_addresses():
