@@ -126,7 +126,7 @@ class TrainConfig:
     # on a 2-core fp32-only CPU); recipes for other corpora set their own (e.g. max_steps: 0)
     max_steps: int = setting(2400, NON_NEGATIVE)
     max_minutes: float = setting(0.0, NON_NEGATIVE)  # wall-clock training budget; 0 = no limit
-    lr: float = setting(1e-3, POSITIVE)
+    lr: float = setting(2e-3, POSITIVE)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = setting(0.0, NON_NEGATIVE)
     clip_norm: float = setting(1.0, NON_NEGATIVE)  # gradient clipping by global norm; 0 = off
