@@ -191,13 +191,56 @@ class Encoder(nn.Module):
 
     def _run(self, inputs: torch.Tensor, suffix: str) -> torch.Tensor:
         """One direction of one layer of self.rnn, with its own parameters, left to right over
-        inputs (batch, src_len, size) → outputs (batch, src_len, hidden). torch._VF is what
-        nn.GRU/LSTM/RNN.forward call themselves."""
+        inputs (batch, src_len, size) → outputs (batch, src_len, hidden). Training calls torch's
+        fused RNN (torch._VF is what nn.GRU/LSTM/RNN.forward call themselves); inference runs
+        the same equations step by step (_run_stepwise)."""
         params = [getattr(self.rnn, f"{name}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if not torch.is_grad_enabled():
+            return self._run_stepwise(inputs, *params)
         h0 = inputs.new_zeros(1, inputs.size(0), self.cfg.hidden_size)
         run = {"gru": torch._VF.gru, "lstm": torch._VF.lstm, "rnn": torch._VF.rnn_tanh}[self.cfg.cell]
         hx = (h0, h0) if self.cfg.cell == "lstm" else h0
         return run(inputs, hx, params, True, 1, 0.0, self.training, False, True)[0]
+
+
+    def _run_stepwise(self, inputs: torch.Tensor, weight_ih, weight_hh, bias_ih, bias_hh) -> torch.Tensor:
+        """_run without autograd, as the decoder runs its RNN: the input projections of all
+        positions at once, then one step per position with the state in fp32. Its reason is
+        that a sentence's result must not depend on the other sentences of its batch (search
+        runs one sentence alone or among 64, and nmt serve joins sentences as they come): under
+        bf16 autocast torch's fused RNN rounds differently with the batch size (its states are
+        bf16, and its kernels change with the batch), where these bf16 matrix products give
+        every row the same bits whatever the batch (tests/test_search.py). In bf16 it is also
+        faster than the fused RNN on CPU (bench/README.md)."""
+        batch, hidden = inputs.size(0), self.cfg.hidden_size
+        input_gates = F.linear(inputs, weight_ih, bias_ih)  # (batch, src_len, gates * hidden)
+        h = inputs.new_zeros(batch, hidden, dtype=torch.float32)
+        c = torch.zeros_like(h) if self.cfg.cell == "lstm" else None
+        outputs = []
+        for gates in input_gates.unbind(1):
+            hidden_gates = F.linear(h, weight_hh, bias_hh)
+            h, c = cell_update(self.cfg.cell, gates.to(h.dtype), hidden_gates.to(h.dtype), h, c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1)
+
+
+def cell_update(cell: str, input_gates: torch.Tensor, hidden_gates: torch.Tensor, h: torch.Tensor,
+                c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """torch's GRU/LSTM/Elman equations (gate order r z n, and i f g o) for one step, from the
+    input's and the state's projections (W_ih x + b_ih, W_hh h + b_hh) → new h and c (LSTM) or
+    None. The encoder's inference and the decoder share it."""
+    if cell == "gru":
+        # r, z = sigmoid(i_rz + h_rz); n = tanh(i_n + r * h_n); h' = n + z * (h - n), in as few
+        # operations as torch has for it (each costs a call, forward and backward, per step)
+        size = h.size(-1)
+        reset, update = torch.sigmoid(input_gates[:, : 2 * size] + hidden_gates[:, : 2 * size]).chunk(2, dim=-1)
+        candidate = torch.tanh(torch.addcmul(input_gates[:, 2 * size :], reset, hidden_gates[:, 2 * size :]))
+        return torch.lerp(candidate, h, update), None
+    if cell == "lstm":
+        i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    return torch.tanh(input_gates + hidden_gates), None
 
 
 def _reorder(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -307,23 +350,11 @@ class Decoder(nn.Module):
         return s_i, context, weights, DecoderState(torch.stack(hiddens), cell, None)
 
     def _recur_layer(self, layer: int, input_gates, h, c):
-        """torch's GRU/LSTM/Elman equations (gate order r z n, and i f g o), one step."""
+        """One step of layer `layer` (cell_update's equations) from its input's projection."""
         hidden_gates = F.linear(h, getattr(self.rnn, f"weight_hh_l{layer}"), getattr(self.rnn, f"bias_hh_l{layer}"))
         # Under bf16 autocast the products come back in bf16; the recurrence itself stays in the
         # state's precision (fp32), or rounding would accumulate over the steps.
-        input_gates, hidden_gates = input_gates.to(h.dtype), hidden_gates.to(h.dtype)
-        if self.cfg.cell == "gru":
-            # r, z = sigmoid(i_rz + h_rz); n = tanh(i_n + r * h_n); h' = n + z * (h - n), in as few
-            # operations as torch has for it (each costs a call, forward and backward, per step)
-            size = h.size(-1)
-            reset, update = torch.sigmoid(input_gates[:, : 2 * size] + hidden_gates[:, : 2 * size]).chunk(2, dim=-1)
-            candidate = torch.tanh(torch.addcmul(input_gates[:, 2 * size :], reset, hidden_gates[:, 2 * size :]))
-            return torch.lerp(candidate, h, update), None
-        if self.cfg.cell == "lstm":
-            i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            return torch.sigmoid(o) * torch.tanh(c), c
-        return torch.tanh(input_gates + hidden_gates), None
+        return cell_update(self.cfg.cell, input_gates.to(h.dtype), hidden_gates.to(h.dtype), h, c)
 
     def deep_output(self, s: torch.Tensor, context: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
         """t_i = tanh(W_o [s_i ; c_i ; y_{i-1}]) for one step or, stacked, for all of them."""
