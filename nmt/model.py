@@ -202,7 +202,6 @@ class Encoder(nn.Module):
         hx = (h0, h0) if self.cfg.cell == "lstm" else h0
         return run(inputs, hx, params, True, 1, 0.0, self.training, False, True)[0]
 
-
     def _run_stepwise(self, inputs: torch.Tensor, weight_ih, weight_hh, bias_ih, bias_hh) -> torch.Tensor:
         """_run without autograd, as the decoder runs its RNN: the input projections of all
         positions at once, then one step per position with the state in fp32. Its reason is
@@ -210,8 +209,8 @@ class Encoder(nn.Module):
         runs one sentence alone or among 64, and nmt serve joins sentences as they come): under
         bf16 autocast torch's fused RNN rounds differently with the batch size (its states are
         bf16, and its kernels change with the batch), where these bf16 matrix products give
-        every row the same bits whatever the batch (tests/test_search.py). In bf16 it is also
-        faster than the fused RNN on CPU (bench/README.md)."""
+        every row the same bits whatever the batch (tests/test_search.py). Offline decoding
+        measured as fast as with the fused RNN (bench/README.md)."""
         batch, hidden = inputs.size(0), self.cfg.hidden_size
         input_gates = F.linear(inputs, weight_ih, bias_ih)  # (batch, src_len, gates * hidden)
         h = inputs.new_zeros(batch, hidden, dtype=torch.float32)
