@@ -178,49 +178,68 @@ class Encoder(nn.Module):
         for layer in range(self.cfg.enc_layers):
             if layer > 0:
                 x = self.dropout(x)
-            outputs = []
-            for direction in range(directions):
-                if direction == 0:
-                    outputs.append(self._run(x, f"_l{layer}"))
-                else:  # reversed within each sentence, run, and put back in source order
-                    outputs.append(_reorder(self._run(_reorder(x, reverse), f"_l{layer}_reverse"), reverse))
+            suffixes = [f"_l{layer}", f"_l{layer}_reverse"][:directions]
+            if torch.is_grad_enabled():
+                outputs = []
+                for direction, suffix in enumerate(suffixes):
+                    if direction == 0:
+                        outputs.append(self._run(x, suffix))
+                    else:  # reversed within each sentence, run, and put back in source order
+                        outputs.append(_reorder(self._run(_reorder(x, reverse), suffix), reverse))
+            else:
+                inputs = [x, _reorder(x, reverse)][:directions]
+                outputs = list(self._run_stepwise(inputs, suffixes).unbind(0))
+                if directions == 2:
+                    outputs[1] = _reorder(outputs[1], reverse)
             x = torch.cat(outputs, dim=-1)  # (batch, src_len, directions * hidden)
         rows = torch.arange(batch, device=x.device)
         finals = [outputs[0][rows, last]] + ([outputs[1][:, 0]] if directions == 2 else [])
         return self.dropout(x), torch.cat(finals, dim=-1)  # summary (batch, enc_size)
 
     def _run(self, inputs: torch.Tensor, suffix: str) -> torch.Tensor:
-        """One direction of one layer of self.rnn, with its own parameters, left to right over
-        inputs (batch, src_len, size) → outputs (batch, src_len, hidden). Training calls torch's
-        fused RNN (torch._VF is what nn.GRU/LSTM/RNN.forward call themselves); inference runs
-        the same equations step by step (_run_stepwise)."""
+        """Training: one direction of one layer of self.rnn, with its own parameters, left to
+        right over inputs (batch, src_len, size) → outputs (batch, src_len, hidden), by torch's
+        fused RNN (torch._VF is what nn.GRU/LSTM/RNN.forward call themselves). Inference runs the
+        same equations step by step (_run_stepwise)."""
         params = [getattr(self.rnn, f"{name}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        if not torch.is_grad_enabled():
-            return self._run_stepwise(inputs, *params)
         h0 = inputs.new_zeros(1, inputs.size(0), self.cfg.hidden_size)
         run = {"gru": torch._VF.gru, "lstm": torch._VF.lstm, "rnn": torch._VF.rnn_tanh}[self.cfg.cell]
         hx = (h0, h0) if self.cfg.cell == "lstm" else h0
         return run(inputs, hx, params, True, 1, 0.0, self.training, False, True)[0]
 
-    def _run_stepwise(self, inputs: torch.Tensor, weight_ih, weight_hh, bias_ih, bias_hh) -> torch.Tensor:
-        """_run without autograd, as the decoder runs its RNN: the input projections of all
-        positions at once, then one step per position with the state in fp32. Its reason is
-        that a sentence's result must not depend on the other sentences of its batch (search
-        runs one sentence alone or among 64, and nmt serve joins sentences as they come): under
-        bf16 autocast torch's fused RNN rounds differently with the batch size (its states are
-        bf16, and its kernels change with the batch), where these bf16 matrix products give
-        every row the same bits whatever the batch (tests/test_search.py). Offline decoding
-        measured as fast as with the fused RNN (bench/README.md)."""
-        batch, hidden = inputs.size(0), self.cfg.hidden_size
-        input_gates = F.linear(inputs, weight_ih, bias_ih)  # (batch, src_len, gates * hidden)
-        h = inputs.new_zeros(batch, hidden, dtype=torch.float32)
+    def _run_stepwise(self, inputs: list[torch.Tensor], suffixes: list[str]) -> torch.Tensor:
+        """_run without autograd, for all directions of a layer at once: inputs (batch, src_len,
+        size) per direction, each already in its reading order → (directions, batch, src_len,
+        hidden). The input projections of all positions at once, then one batched product per
+        position for every direction together (a direction's state only meets its own weights),
+        and the cell's equations with the state in fp32, as the decoder runs its RNN.
+
+        Its reason is that a sentence's result must not depend on the other sentences of its
+        batch (search runs one sentence alone or among 64, and nmt serve joins sentences as they
+        come): under bf16 autocast torch's fused RNN rounds differently with the batch size (its
+        states are bf16, and its kernels change with the batch), where these bf16 products give
+        every row the same bits whatever the batch (tests/test_search.py). One product for both
+        directions rather than one each: the encoder of one sentence, what nmt serve mostly
+        runs, took 0.91 of the time (bench/README.md)."""
+        def param(name: str, suffix: str) -> torch.Tensor:
+            return getattr(self.rnn, f"{name}{suffix}")
+
+        batch, hidden = inputs[0].size(0), self.cfg.hidden_size
+        input_gates = torch.stack([F.linear(x, param("weight_ih", s), param("bias_ih", s))
+                                   for x, s in zip(inputs, suffixes)]).float()  # (dirs, batch, len, gates)
+        weight_hh = torch.stack([param("weight_hh", s).t() for s in suffixes])  # (dirs, hidden, gates)
+        bias_hh = torch.stack([param("bias_hh", s) for s in suffixes]).unsqueeze(1)  # (dirs, 1, gates)
+        if torch.is_autocast_enabled(weight_hh.device.type):  # cast once here, not at every position
+            dtype = torch.get_autocast_dtype(weight_hh.device.type)
+            weight_hh, bias_hh = weight_hh.to(dtype), bias_hh.to(dtype)
+        h = input_gates.new_zeros(len(inputs), batch, hidden)
         c = torch.zeros_like(h) if self.cfg.cell == "lstm" else None
         outputs = []
-        for gates in input_gates.unbind(1):
-            hidden_gates = F.linear(h, weight_hh, bias_hh)
-            h, c = cell_update(self.cfg.cell, gates.to(h.dtype), hidden_gates.to(h.dtype), h, c)
+        for gates in input_gates.unbind(2):
+            hidden_gates = torch.baddbmm(bias_hh, h.to(weight_hh.dtype), weight_hh)
+            h, c = cell_update(self.cfg.cell, gates, hidden_gates.to(h.dtype), h, c)
             outputs.append(h)
-        return torch.stack(outputs, dim=1)
+        return torch.stack(outputs, dim=2)
 
 
 def cell_update(cell: str, input_gates: torch.Tensor, hidden_gates: torch.Tensor, h: torch.Tensor,
@@ -232,8 +251,8 @@ def cell_update(cell: str, input_gates: torch.Tensor, hidden_gates: torch.Tensor
         # r, z = sigmoid(i_rz + h_rz); n = tanh(i_n + r * h_n); h' = n + z * (h - n), in as few
         # operations as torch has for it (each costs a call, forward and backward, per step)
         size = h.size(-1)
-        reset, update = torch.sigmoid(input_gates[:, : 2 * size] + hidden_gates[:, : 2 * size]).chunk(2, dim=-1)
-        candidate = torch.tanh(torch.addcmul(input_gates[:, 2 * size :], reset, hidden_gates[:, 2 * size :]))
+        reset, update = torch.sigmoid(input_gates[..., : 2 * size] + hidden_gates[..., : 2 * size]).chunk(2, dim=-1)
+        candidate = torch.tanh(torch.addcmul(input_gates[..., 2 * size :], reset, hidden_gates[..., 2 * size :]))
         return torch.lerp(candidate, h, update), None
     if cell == "lstm":
         i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=-1)

@@ -93,6 +93,27 @@ def test_word_dropout_drops_whole_tokens_in_training_only():
     assert loss_of(model, batch).item() != with_drop
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_the_encoder_at_inference_computes_what_training_computes(cell, bidirectional):
+    """Training runs torch's fused RNN, inference the same equations step by step with all
+    directions in one product per position (Encoder._run_stepwise): states and summary agree,
+    for every cell, both directions and two layers, on a padded batch."""
+    torch.manual_seed(0)
+    cfg = small_config(cell=cell, enc_layers=2, bidirectional=bidirectional)
+    model = build_model(cfg, VOCAB, VOCAB).eval()
+    sources = random_strings(np.random.default_rng(5), 4, 2, 12)
+    batch = make_batch(sources, sources)
+    with torch.enable_grad():
+        trained, trained_summary = model.encoder(batch.src_ids, batch.src_lens)
+    with torch.no_grad():
+        inferred, inferred_summary = model.encoder(batch.src_ids, batch.src_lens)
+    assert trained.requires_grad and not inferred.requires_grad  # the two paths really differ
+    for row, length in enumerate(batch.src_lens.tolist()):
+        torch.testing.assert_close(inferred[row, :length], trained[row, :length].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(inferred_summary, trained_summary.detach(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_padding_never_changes_a_result(attention, cell):
