@@ -57,20 +57,23 @@ class Memory:
     # The output projection padded for speed (OutputLayer.padded), for search's steps.
     output_weight: torch.Tensor | None = None
     output_bias: torch.Tensor | None = None
+    # W_ih's block for y_{i-1}, cast as the two above: search projects one embedding per step.
+    embed_weight: torch.Tensor | None = None
 
     def index_select(self, index: torch.Tensor) -> Memory:
         def pick(x):
             return None if x is None else x.index_select(0, index)
         return Memory(pick(self.keys), pick(self.values), pick(self.src_mask), pick(self.summary),
                       pick(self.summary_gates), self.context_weight, self.feed_weight,
-                      self.output_weight, self.output_bias)
+                      self.output_weight, self.output_bias, self.embed_weight)
 
     def narrow(self, length: int) -> Memory:
         """The first `length` source positions: search drops padding no live sentence needs."""
         def cut(x):
             return None if x is None else x[:, :length].contiguous()
         return Memory(cut(self.keys), cut(self.values), cut(self.src_mask), self.summary, self.summary_gates,
-                      self.context_weight, self.feed_weight, self.output_weight, self.output_bias)
+                      self.context_weight, self.feed_weight, self.output_weight, self.output_bias,
+                      self.embed_weight)
 
     def concat(self, other: Memory) -> Memory:
         """Both batches' sentences, these first, with the source positions of the shorter padded
@@ -89,7 +92,7 @@ class Memory:
         return Memory(join(self.keys, other.keys, True), join(self.values, other.values, True),
                       join(self.src_mask, other.src_mask, True), join(self.summary, other.summary, False),
                       join(self.summary_gates, other.summary_gates, False), self.context_weight,
-                      self.feed_weight, self.output_weight, self.output_bias)
+                      self.feed_weight, self.output_weight, self.output_bias, self.embed_weight)
 
 
 @dataclass
@@ -326,6 +329,7 @@ class Decoder(nn.Module):
         _, memory.context_weight, memory.feed_weight = self._input_weights(dtype)
         if not torch.is_grad_enabled():  # search: its steps compute the output distribution
             memory.output_weight, memory.output_bias = self.output.padded(dtype)
+            memory.embed_weight = self._input_weights(dtype)[0].contiguous()  # and project y_{i-1}
         if dtype is not None:
             same = memory.keys is memory.values  # Luong dot: the keys are the states
             memory.values = memory.values.to(dtype)
@@ -381,7 +385,8 @@ class Decoder(nn.Module):
     def step(self, embedded: torch.Tensor, state: DecoderState, memory: Memory):
         """One target position at inference: embedded y_{i-1} (batch, embed) → t_i (batch,
         output_size), new state, attention weights (batch, src_len) or None (fixed context)."""
-        s_i, context, weights, state = self.recur(self.project_embeddings(embedded), state, memory)
+        weight = memory.embed_weight if memory.embed_weight is not None else self._input_weights()[0]
+        s_i, context, weights, state = self.recur(F.linear(embedded, weight, self.rnn.bias_ih_l0), state, memory)
         t_i = self.deep_output(s_i, context, embedded)
         if self.cfg.input_feeding:
             state.output = t_i
