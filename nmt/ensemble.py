@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nmt.model import Seq2Seq
+from nmt.model import SearchWeights, Seq2Seq
 
 
 @dataclass
@@ -43,8 +43,13 @@ class Ensemble(nn.Module):
         self.src_vocab_size = members[0].src_vocab_size
         self.tgt_vocab_size = members[0].tgt_vocab_size
 
-    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor) -> tuple[Members, Members]:
-        memories, states = zip(*(member.encode(src_ids, src_lens) for member in self.members))
+    def search_weights(self) -> tuple[SearchWeights, ...]:
+        return tuple(member.search_weights() for member in self.members)
+
+    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor,
+               weights: tuple[SearchWeights, ...] | None = None) -> tuple[Members, Members]:
+        weights = weights if weights is not None else (None,) * len(self.members)
+        memories, states = zip(*(member.encode(src_ids, src_lens, w) for member, w in zip(self.members, weights)))
         return Members(memories), Members(states)
 
     def decode_step(self, prev_ids: torch.Tensor, state: Members, memory: Members):

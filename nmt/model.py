@@ -49,15 +49,15 @@ class Memory:
     # The fixed context's share of the decoder RNN's input gates, W_c c: the same at every step.
     summary_gates: torch.Tensor | None = None  # (batch, gates * decoder_size)
     # The blocks of the decoder's input weights W_ih that multiply c_i and t_{i-1} at every step,
-    # cast once per batch to the autocast dtype: autocast caches the cast of a whole parameter
-    # but casts a slice of one again at every use (see Decoder.prepare). They are shared by all
-    # sentences, so index_select passes them on unchanged.
+    # cast to the autocast dtype once per batch (training) or per search (SearchWeights):
+    # autocast caches the cast of a whole parameter but casts a slice of one again at every use
+    # (see Decoder.prepare). They are shared by all sentences, so index_select passes them on.
     context_weight: torch.Tensor | None = None
     feed_weight: torch.Tensor | None = None
-    # The output projection padded for speed (OutputLayer.padded), for search's steps.
+    # Search only (from its SearchWeights): the output projection padded for speed
+    # (OutputLayer.padded), and W_ih's block for y_{i-1}, as search projects one embedding a step.
     output_weight: torch.Tensor | None = None
     output_bias: torch.Tensor | None = None
-    # W_ih's block for y_{i-1}, cast as the two above: search projects one embedding per step.
     embed_weight: torch.Tensor | None = None
 
     def index_select(self, index: torch.Tensor) -> Memory:
@@ -115,6 +115,24 @@ class DecoderState:
                             join(self.output, other.output))
 
 
+@dataclass
+class SearchWeights:
+    """What a search reads of the weights at every batch and step, in the precision it computes
+    in: cast, padded and laid out once per search (`Seq2Seq.search_weights`, under the search's
+    autocast context) instead of once per batch. nmt serve encodes each arriving group of one or
+    two sentences as a batch of its own, and preparing these weights for each took about half of
+    encoding one sentence (bench/README.md). They are copies: a search must not outlive a change
+    of the weights (training's validations make new ones each time)."""
+
+    # Per encoder layer: its directions' W_hh^T stacked (dirs, hidden, gates) and b_hh (dirs, 1, gates).
+    encoder_hh: list[tuple[torch.Tensor, torch.Tensor]]
+    context: torch.Tensor | None  # the decoder's W_ih block for c_i (Memory.context_weight)
+    feed: torch.Tensor | None  # ... for t_{i-1} (input feeding)
+    embed: torch.Tensor  # ... for y_{i-1}, contiguous
+    output: torch.Tensor  # the vocabulary projection, padded (OutputLayer.padded)
+    output_bias: torch.Tensor
+
+
 class Dropout(nn.Module):
     """Dropout with its mask drawn as random bytes, eight from each random 64-bit integer.
 
@@ -163,9 +181,11 @@ class Encoder(nn.Module):
         self.word_dropout = WordDropout(cfg.word_dropout)
         self.output_size = cfg.hidden_size * (2 if cfg.bidirectional else 1)
 
-    def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor):
+    def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor,
+                recurrent: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
         """src_ids (batch, src_len), src_lens (batch,) → states (batch, src_len, enc_size), summary
-        (batch, enc_size): the top layer's last forward and first backward state."""
+        (batch, enc_size): the top layer's last forward and first backward state. At inference
+        `recurrent` may give each layer's recurrent_weights, made once for a whole search."""
         batch, src_len = src_ids.shape
         x = self.dropout(self.word_dropout(self.embed(src_ids)))  # (batch, src_len, embed)
         # Padding must never change a result. Rather than packing the batch (torch's packed RNN
@@ -191,7 +211,9 @@ class Encoder(nn.Module):
                         outputs.append(_reorder(self._run(_reorder(x, reverse), suffix), reverse))
             else:
                 inputs = [x, _reorder(x, reverse)][:directions]
-                outputs = list(self._run_stepwise(inputs, suffixes).unbind(0))
+                weight_hh, bias_hh = (recurrent[layer] if recurrent is not None else
+                                      self.recurrent_weights(layer, autocast_dtype(x.device)))
+                outputs = list(self._run_stepwise(inputs, suffixes, weight_hh, bias_hh).unbind(0))
                 if directions == 2:
                     outputs[1] = _reorder(outputs[1], reverse)
             x = torch.cat(outputs, dim=-1)  # (batch, src_len, directions * hidden)
@@ -210,12 +232,25 @@ class Encoder(nn.Module):
         hx = (h0, h0) if self.cfg.cell == "lstm" else h0
         return run(inputs, hx, params, True, 1, 0.0, self.training, False, True)[0]
 
-    def _run_stepwise(self, inputs: list[torch.Tensor], suffixes: list[str]) -> torch.Tensor:
+    def recurrent_weights(self, layer: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s W_hh^T of every direction stacked (dirs, hidden, gates) and b_hh (dirs,
+        1, gates), detached, cast to `dtype` (the autocast one) if given: what _run_stepwise
+        multiplies at every position, laid out and cast once rather than at every position."""
+        suffixes = [f"_l{layer}", f"_l{layer}_reverse"][: 2 if self.cfg.bidirectional else 1]
+        weight_hh = torch.stack([getattr(self.rnn, f"weight_hh{s}").detach().t() for s in suffixes])
+        bias_hh = torch.stack([getattr(self.rnn, f"bias_hh{s}").detach() for s in suffixes]).unsqueeze(1)
+        if dtype is not None:
+            weight_hh, bias_hh = weight_hh.to(dtype), bias_hh.to(dtype)
+        return weight_hh, bias_hh
+
+    def _run_stepwise(self, inputs: list[torch.Tensor], suffixes: list[str], weight_hh: torch.Tensor,
+                      bias_hh: torch.Tensor) -> torch.Tensor:
         """_run without autograd, for all directions of a layer at once: inputs (batch, src_len,
-        size) per direction, each already in its reading order → (directions, batch, src_len,
-        hidden). The input projections of all positions at once, then one batched product per
-        position for every direction together (a direction's state only meets its own weights),
-        and the cell's equations with the state in fp32, as the decoder runs its RNN.
+        size) per direction, each already in its reading order, and the layer's recurrent_weights
+        → (directions, batch, src_len, hidden). The input projections of all positions at once,
+        then one batched product per position for every direction together (a direction's state
+        only meets its own weights), and the cell's equations with the state in fp32, as the
+        decoder runs its RNN.
 
         Its reason is that a sentence's result must not depend on the other sentences of its
         batch (search runs one sentence alone or among 64, and nmt serve joins sentences as they
@@ -224,17 +259,9 @@ class Encoder(nn.Module):
         every row the same bits whatever the batch (tests/test_search.py). One product for both
         directions rather than one each: the encoder of one sentence, what nmt serve mostly
         runs, took 0.91 of the time (bench/README.md)."""
-        def param(name: str, suffix: str) -> torch.Tensor:
-            return getattr(self.rnn, f"{name}{suffix}")
-
         batch, hidden = inputs[0].size(0), self.cfg.hidden_size
-        input_gates = torch.stack([F.linear(x, param("weight_ih", s), param("bias_ih", s))
+        input_gates = torch.stack([F.linear(x, getattr(self.rnn, f"weight_ih{s}"), getattr(self.rnn, f"bias_ih{s}"))
                                    for x, s in zip(inputs, suffixes)]).float()  # (dirs, batch, len, gates)
-        weight_hh = torch.stack([param("weight_hh", s).t() for s in suffixes])  # (dirs, hidden, gates)
-        bias_hh = torch.stack([param("bias_hh", s) for s in suffixes]).unsqueeze(1)  # (dirs, 1, gates)
-        if torch.is_autocast_enabled(weight_hh.device.type):  # cast once here, not at every position
-            dtype = torch.get_autocast_dtype(weight_hh.device.type)
-            weight_hh, bias_hh = weight_hh.to(dtype), bias_hh.to(dtype)
         h = input_gates.new_zeros(len(inputs), batch, hidden)
         c = torch.zeros_like(h) if self.cfg.cell == "lstm" else None
         outputs = []
@@ -321,15 +348,24 @@ class Decoder(nn.Module):
         fed = w[:, w.size(1) - self.cfg.output_size :] if self.cfg.input_feeding else None
         return w[:, :e], context, fed
 
-    def prepare(self, memory: Memory) -> Memory:
+    def search_weights(self, dtype: torch.dtype | None) -> tuple:
+        """The decoder's part of SearchWeights: (context, feed, embed, output, output_bias)."""
+        with torch.no_grad():
+            embed, context, feed = self._input_weights(dtype)
+            return (context, feed, embed.contiguous(), *self.output.padded(dtype))
+
+    def prepare(self, memory: Memory, weights: SearchWeights | None = None) -> Memory:
         """Once per batch: what every decoder step reads, in the precision it computes in. Under
         bf16 autocast the per-step products would otherwise cast the encoder states and the
-        weight blocks again at every step, and keep each copy for the backward pass."""
+        weight blocks again at every step, and keep each copy for the backward pass. A search
+        gives its SearchWeights, with the output projection and y_{i-1}'s block, made once."""
         dtype = autocast_dtype(memory.values.device)
-        _, memory.context_weight, memory.feed_weight = self._input_weights(dtype)
-        if not torch.is_grad_enabled():  # search: its steps compute the output distribution
-            memory.output_weight, memory.output_bias = self.output.padded(dtype)
-            memory.embed_weight = self._input_weights(dtype)[0].contiguous()  # and project y_{i-1}
+        if weights is not None:
+            memory.context_weight, memory.feed_weight = weights.context, weights.feed
+            memory.embed_weight, memory.output_weight = weights.embed, weights.output
+            memory.output_bias = weights.output_bias
+        else:
+            _, memory.context_weight, memory.feed_weight = self._input_weights(dtype)
         if dtype is not None:
             same = memory.keys is memory.values  # Luong dot: the keys are the states
             memory.values = memory.values.to(dtype)
@@ -417,10 +453,19 @@ class Seq2Seq(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor):
-        states, summary = self.encoder(src_ids, src_lens)
+    def search_weights(self) -> SearchWeights:
+        """The weights a search reads at every batch, made once for it in the precision of the
+        autocast context it is called in (the search's own)."""
+        dtype = autocast_dtype(next(self.parameters()).device)
+        with torch.no_grad():
+            encoder_hh = [self.encoder.recurrent_weights(layer, dtype) for layer in range(self.cfg.enc_layers)]
+        return SearchWeights(encoder_hh, *self.decoder.search_weights(dtype))
+
+    def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor, weights: SearchWeights | None = None):
+        """The memory and the decoder's initial state of a batch; a search passes its weights."""
+        states, summary = self.encoder(src_ids, src_lens, weights.encoder_hh if weights is not None else None)
         keys = self.decoder.attention.project_keys(states)
-        memory = self.decoder.prepare(Memory(keys, states, src_ids != PAD_ID, summary))
+        memory = self.decoder.prepare(Memory(keys, states, src_ids != PAD_ID, summary), weights)
         return memory, self.decoder.init_state(summary)
 
     def forward(self, src_ids: torch.Tensor, src_lens: torch.Tensor, tgt_in: torch.Tensor,

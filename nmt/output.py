@@ -4,7 +4,7 @@ One module owns the vocabulary projection V (the decoder's `output`, an nn.Linea
 weights keep their names in checkpoints and can be tied to the target embeddings):
 
     loss = output.loss(t, targets, label_smoothing)    # training: t (tokens, size) → scalar
-    weight, bias = output.padded(dtype)                # once per search batch
+    weight, bias = output.padded(dtype)                # once per search (SearchWeights)
     log_probs = output.log_probs(t, weight, bias)      # a search step: (batch, vocab)
 
 The loss is `F.cross_entropy(F.linear(t, V, b).float(), targets, label_smoothing=...)` computed a
@@ -40,16 +40,11 @@ class OutputLayer(nn.Linear):
         return projected_cross_entropy(t, self.weight, self.bias, targets, label_smoothing)
 
     def padded(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The weights for search's steps (no gradients): see padded_output. Kept until the
-        weights change (their version counts in-place updates: an optimizer step, a load): nmt
-        serve encodes a few sentences at a time, and padding a 6k x 256 matrix for each costs
-        more than encoding them."""
-        key = (dtype, self.weight.data_ptr(), self.weight._version,
-               None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
-        cached = getattr(self, "_padded", None)
-        if cached is None or cached[0] != key:
-            cached = self._padded = (key, padded_output(self.weight, self.bias, dtype))
-        return cached[1]
+        """The weights for search's steps (no gradients), made anew at each call: see
+        padded_output. A search makes them once (nmt.model.SearchWeights); a cache here, keyed on
+        the weights' version counter, went stale after torch's fused Adam, which updates the
+        weights in place without counting a version."""
+        return padded_output(self.weight, self.bias, dtype)
 
     def log_probs(self, t: torch.Tensor, weight: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from nmt.batches import pad, sentence_batches
 from nmt.config import DecodeConfig
 from nmt.device import autocast
-from nmt.model import Seq2Seq, bos_column
+from nmt.model import SearchWeights, Seq2Seq, bos_column
 from nmt.subword import EOS_ID
 
 
@@ -49,12 +49,13 @@ def max_lengths(src_lens: torch.Tensor, a: float, b: int) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor,
-                  decode: DecodeConfig) -> list[Hypothesis]:
+                  decode: DecodeConfig, weights: SearchWeights | None = None) -> list[Hypothesis]:
     """The most probable token at each step; scores normalised like beam search's. A sentence
     that has produced EOS leaves the batch, so the last steps only compute the long ones.
-    src_ids (batch, src_len), src_lens (batch,) → one hypothesis per sentence."""
+    src_ids (batch, src_len), src_lens (batch,) → one hypothesis per sentence. `weights`: the
+    model's search_weights, if the caller made them for several batches."""
     batch, device = src_ids.size(0), src_ids.device
-    memory, state = model.encode(src_ids, src_lens)
+    memory, state = model.encode(src_ids, src_lens, weights if weights is not None else model.search_weights())
     limits = max_lengths(src_lens, decode.max_len_a, decode.max_len_b).to(device)
     max_steps = int(limits.max())
     live = torch.arange(batch, device=device)  # the sentence of each row still decoding
@@ -115,10 +116,14 @@ class BeamSearch:
     sentence order): the beam's score, previous token, decoder state, and its tokens so far in
     `history` (rows, columns), right-aligned: a sentence that joined later has fewer columns of its
     own, and the columns are cut to the longest live one's. The memory and the attention history
-    are as wide as the longest live source."""
+    are as wide as the longest live source.
 
-    def __init__(self, model: Seq2Seq, decode: DecodeConfig):
+    The model's search_weights are made at the first add(), in its autocast context (which must
+    stay the same for the search's life), and kept: the weights must not change meanwhile."""
+
+    def __init__(self, model: Seq2Seq, decode: DecodeConfig, weights: SearchWeights | None = None):
         self.model, self.decode, self.k = model, decode, decode.beam_size
+        self.weights = weights
         self._reset()
 
     def _reset(self) -> None:
@@ -139,7 +144,9 @@ class BeamSearch:
         """Sentences to search, src_ids (batch, src_len) and src_lens (batch,) on the model's
         device, none of them empty; `tags` name them in what step() returns."""
         batch, device, k = src_ids.size(0), src_ids.device, self.k
-        memory, state = self.model.encode(src_ids, src_lens)
+        if self.weights is None:
+            self.weights = self.model.search_weights()
+        memory, state = self.model.encode(src_ids, src_lens, self.weights)
         # Every sentence gets k rows; the encoder output (and attention keys) are expanded once.
         rows = torch.arange(batch, device=device).repeat_interleave(k)
         memory, state = memory.index_select(rows), state.index_select(rows)
@@ -240,10 +247,10 @@ class BeamSearch:
 
 
 def beam_search(model: Seq2Seq, src_ids: torch.Tensor, src_lens: torch.Tensor, decode: DecodeConfig,
-                nbest: int = 1) -> list[list[Hypothesis]]:
+                nbest: int = 1, weights: SearchWeights | None = None) -> list[list[Hypothesis]]:
     """The `nbest` best hypotheses of each sentence, best first. src_ids (batch, src_len),
     src_lens (batch,); the beam has decode.beam_size rows per sentence."""
-    search = BeamSearch(model, decode)
+    search = BeamSearch(model, decode, weights)
     search.add(src_ids, src_lens, list(range(src_ids.size(0))))
     results: list[list[Hypothesis]] = [[] for _ in range(src_ids.size(0))]
     while search:
@@ -264,14 +271,15 @@ def search_corpus(model: Seq2Seq, src_seqs: list, decode: DecodeConfig, precisio
     was_training = model.training
     model.eval()
     with autocast(device, precision):
+        weights = model.search_weights()  # once for all batches
         for batch in sentence_batches(lengths[non_empty], decode.batch_size):
             indices = non_empty[batch]
             src_ids, src_lens = pad([src_seqs[i] for i in indices])
             src_ids, src_lens = src_ids.to(device), src_lens.to(device)
             if decode.beam_size == 1:
-                hyps = [[h] for h in greedy_search(model, src_ids, src_lens, decode)]
+                hyps = [[h] for h in greedy_search(model, src_ids, src_lens, decode, weights)]
             else:
-                hyps = beam_search(model, src_ids, src_lens, decode, nbest)
+                hyps = beam_search(model, src_ids, src_lens, decode, nbest, weights)
             for i, h in zip(indices, hyps):
                 results[i] = h
     model.train(was_training)

@@ -3,6 +3,7 @@ batch independence, and sentences joining a search that runs."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -17,7 +18,7 @@ from nmt.model import DecoderState, Memory, bos_column, build_model
 from nmt.search import BeamSearch, beam_search, greedy_search, normalise, search_corpus
 from nmt.subword import BOS_ID, EOS_ID
 
-from .synthetic import VOCAB, random_strings, small_config, train_reversal
+from .synthetic import VOCAB, make_batch, random_strings, small_config, train_reversal
 
 A, B = 4, 5  # the two real tokens of the scripted vocabulary
 
@@ -41,7 +42,10 @@ class ScriptedDecoder(torch.nn.Module):
         (A, B): {EOS_ID: 1.0},
     }
 
-    def encode(self, src_ids, src_lens):
+    def search_weights(self):
+        return None  # nothing to prepare: the script is the model
+
+    def encode(self, src_ids, src_lens, weights=None):
         batch = src_ids.size(0)
         mask = torch.ones_like(src_ids, dtype=torch.bool)
         memory = Memory(None, torch.zeros(batch, src_ids.size(1), 1), mask, torch.zeros(batch, 1))
@@ -234,3 +238,23 @@ def test_sentences_joining_a_running_search_get_what_they_get_alone(half_trained
     # the memory was as wide as the longest live source at every step: padding left with the long ones
     assert all(width == longest for width, longest in widths if longest)
     assert max(width for width, _ in widths) >= 18
+
+
+def test_a_search_after_an_optimizer_step_reads_the_new_weights(half_trained):
+    """Training validates between updates with the same model object. A search must read the
+    weights as they are now: torch's fused Adam updates them in place without counting a version,
+    so weights kept from an earlier search (as a cache keyed on the version once did) would be
+    stale. The updated model must decode exactly as a fresh copy of it does."""
+    model = copy.deepcopy(half_trained)
+    sources = [list(s) for s in random_strings(np.random.default_rng(3), 12, 3, 9)]
+    decode = DecodeConfig(beam_size=3, batch_size=5)
+    before = search_corpus(model, sources, decode)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05, fused=True)
+    batch = make_batch(sources, [s[::-1] for s in sources])
+    model.train()
+    model(batch.src_ids, batch.src_lens, batch.tgt_in, batch.tgt_out).backward()
+    optimizer.step()
+    after = search_corpus(model, sources, decode)
+    fresh = search_corpus(copy.deepcopy(model), sources, decode)
+    assert [h[0].log_prob for h in after] == [h[0].log_prob for h in fresh]
+    assert [h[0].log_prob for h in after] != [h[0].log_prob for h in before]
