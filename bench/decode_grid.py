@@ -48,6 +48,7 @@ def main() -> None:
     sets = {name: ([line or "" for line in read_lines(data / f"{name}.src")],
                    [line or "" for line in read_lines(data / f"{name}.tgt")]) for name in args.sets}
     rows = []
+    bleu_metric, chrf_metric = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
     for beam in args.beams:
         decode = translator.settings(beam)
         for name, (sources, references) in sets.items():
@@ -56,8 +57,8 @@ def main() -> None:
                 best = [max(sentence, key=lambda h: normalise(h.log_prob, len(h.tokens) + 1, "gnmt", alpha))
                         for sentence in hyps]
                 outputs = [translator.detokenize(h) for h in best]
-                bleu = sacrebleu.corpus_bleu(outputs, [references])
-                chrf = sacrebleu.corpus_chrf(outputs, [references])
+                bleu = bleu_metric.corpus_score(outputs, [references])
+                chrf = chrf_metric.corpus_score(outputs, [references])
                 ratio = sum(len(o.split()) for o in outputs) / max(1, sum(len(r.split()) for r in references))
                 rows.append({"set": name, "beam": beam, "alpha": alpha, "bleu": round(bleu.score, 2),
                              "chrf": round(chrf.score, 2), "length_ratio": round(ratio, 3)})
@@ -69,8 +70,9 @@ def main() -> None:
           + ", ".join(f"{r['set']} {r['bleu']:.2f}" for r in rows
                       if r["beam"] == chosen["beam"] and r["alpha"] == chosen["alpha"]))
     if args.json:
-        args.json.write_text(json.dumps({"models": args.model, "signature": str(
-            sacrebleu.BLEU().get_signature()), "rows": rows, "chosen": chosen}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"models": args.model, "bleu_signature": str(bleu_metric.get_signature()),
+                                         "chrf_signature": str(chrf_metric.get_signature()),
+                                         "rows": rows, "chosen": chosen}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
