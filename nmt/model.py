@@ -349,10 +349,10 @@ class Decoder(nn.Module):
         return w[:, :e], context, fed
 
     def search_weights(self, dtype: torch.dtype | None) -> tuple:
-        """The decoder's part of SearchWeights: (context, feed, embed, output, output_bias)."""
-        with torch.no_grad():
-            embed, context, feed = self._input_weights(dtype)
-            return (context, feed, embed.contiguous(), *self.output.padded(dtype))
+        """The decoder's part of SearchWeights: (context, feed, embed, output, output_bias).
+        Called without autograd (Seq2Seq.search_weights)."""
+        embed, context, feed = self._input_weights(dtype)
+        return (context, feed, embed.contiguous(), *self.output.padded(dtype))
 
     def prepare(self, memory: Memory, weights: SearchWeights | None = None) -> Memory:
         """Once per batch: what every decoder step reads, in the precision it computes in. Under
@@ -459,7 +459,7 @@ class Seq2Seq(nn.Module):
         dtype = autocast_dtype(next(self.parameters()).device)
         with torch.no_grad():
             encoder_hh = [self.encoder.recurrent_weights(layer, dtype) for layer in range(self.cfg.enc_layers)]
-        return SearchWeights(encoder_hh, *self.decoder.search_weights(dtype))
+            return SearchWeights(encoder_hh, *self.decoder.search_weights(dtype))
 
     def encode(self, src_ids: torch.Tensor, src_lens: torch.Tensor, weights: SearchWeights | None = None):
         """The memory and the decoder's initial state of a batch; a search passes its weights."""
