@@ -87,7 +87,7 @@ class SubwordConfig:
     restrict_target: bool = True  # output layer over the pieces seen in training targets only
     # Subword regularization (0 = off): the training split is segmented anew every epoch, sampled.
     # unigram: alpha is the sharpness of the sampling distribution; bpe: the merge-dropout probability.
-    sampling_alpha: float = setting(0.0, NON_NEGATIVE)
+    sampling_alpha: float = setting(0.5, NON_NEGATIVE)
     # unigram: sample among each word's n best segmentations (SentencePiece's limit: 512), or all (-1)
     sampling_nbest: int = setting(-1, ("must be -1 (all) or from 2 to 512", lambda v: v == -1 or 2 <= v <= 512))
 
@@ -95,9 +95,9 @@ class SubwordConfig:
 @dataclass
 class ModelConfig:
     cell: str = setting("gru", choices=("gru", "lstm", "rnn"))  # rnn: Elman, tanh
-    embed_size: int = setting(256, POSITIVE)
-    hidden_size: int = setting(256, POSITIVE)  # encoder RNN size per direction
-    decoder_size: int = setting(512, POSITIVE)  # decoder RNN size
+    embed_size: int = setting(400, POSITIVE)
+    hidden_size: int = setting(352, POSITIVE)  # encoder RNN size per direction
+    decoder_size: int = setting(304, POSITIVE)  # decoder RNN size
     enc_layers: int = setting(1, POSITIVE)
     dec_layers: int = setting(1, POSITIVE)
     bidirectional: bool = True
@@ -107,7 +107,7 @@ class ModelConfig:
     input_feeding: bool = False  # feed the previous attentional vector to the decoder RNN (Luong)
     output_size: int = setting(256, POSITIVE)  # deep output layer before the vocabulary projection
     tie_embeddings: bool = False  # share target embeddings with the output projection
-    dropout: float = setting(0.3, FRACTION)
+    dropout: float = setting(0.1291475421192717, FRACTION)  # the Bayesian sweep's value
     # training only: each source and target input token's embedding is dropped whole with this
     # probability (word dropout; 0 = off)
     word_dropout: float = setting(0.0, FRACTION)
@@ -126,7 +126,7 @@ class TrainConfig:
     # on a 2-core fp32-only CPU); recipes for other corpora set their own (e.g. max_steps: 0)
     max_steps: int = setting(2400, NON_NEGATIVE)
     max_minutes: float = setting(0.0, NON_NEGATIVE)  # wall-clock training budget; 0 = no limit
-    lr: float = setting(2e-3, POSITIVE)
+    lr: float = setting(0.0024764423432578515, POSITIVE)  # the Bayesian sweep's value
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = setting(0.0, NON_NEGATIVE)
     clip_norm: float = setting(1.0, NON_NEGATIVE)  # gradient clipping by global norm; 0 = off

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from nmt.cli import main
-from nmt.config import RECIPES_DIR, config_from_dict, config_to_dict, load_recipe
+from nmt.config import RECIPES_DIR, ModelConfig, config_from_dict, config_to_dict, load_recipe
 from nmt.errors import ConfigError
 
 MINIMAL = """
@@ -201,11 +201,14 @@ def test_cli_bad_value_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_null_in_a_child_removes_the_inherited_key(tmp_path):
-    child = write_recipe(tmp_path, f"extends: {RECIPES_DIR / 'en-de.yaml'}\ndata:\n  test:\n    test2017: null\n"
+    # wmt14-en-de sets hidden_size 1000 over en-de's: null takes the key away, back to the default
+    child = write_recipe(tmp_path, f"extends: {RECIPES_DIR / 'wmt14-en-de.yaml'}\ndata:\n  test:\n"
+                                   "    test: {corpus: multi30k, split: test_2016_flickr}\n    test2017: null\n"
                                    "model:\n  hidden_size: null\n")
     config = load_recipe(str(child))
+    assert load_recipe("wmt14-en-de").model.hidden_size == 1000
     assert list(config.data.test) == ["test"]
-    assert config.model.hidden_size == 256  # back to the default
+    assert config.model.hidden_size == ModelConfig().hidden_size != 1000
 
 
 def test_benchmark_recipe_loads():
