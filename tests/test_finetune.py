@@ -101,7 +101,8 @@ def test_train_refuses_subwords_not_made_from_the_checkpoint(tiny_exp, parent, c
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--init-from {parent[0]}` first" in err
-    assert main(["train", "de-en", "--exp", str(exp), "--init-from", str(exp / "missing.pt")]) == 2
+    assert main(["train", "de-en", "--exp", str(exp), *(f"--set={o}" for o in TINY_OVERRIDES),
+                 "--set", "subword.vocab_size=150", "--init-from", str(exp / "missing.pt")]) == 2
     assert "train.init_from: " in capsys.readouterr().err
 
 
