@@ -7,8 +7,9 @@
 #
 # Every screen shares these settings on top of recipes/de-en.yaml: STEPS updates (default 1824, the
 # 12 epochs of the recipe before EMA became its default: the screens of 2026-12-02 ran without it,
-# so `bench/screen.sh baseline train.ema_decay=0` repeats their baseline and `ema
-# train.ema_decay=0.999` their EMA screen), validation every 200 updates with the plateau patience doubled to match
+# so with the recipe of then (lr 0.002 or 0.001, sizes 256/256/512, dropout 0.3, no sampling: the
+# recipes changed on 2026-12-08, README "The recipes now") `bench/screen.sh baseline
+# train.ema_decay=0` repeats their baseline and `ema train.ema_decay=0.999` their EMA screen), validation every 200 updates with the plateau patience doubled to match
 # (the recipe's 1 validation of 400 updates), and the 5 newest validation checkpoints kept, so
 # that checkpoint averaging is screened in every run for free. Outputs go to bench/out/screen/NAME:
 # the experiment, eval/ (best.pt's scores) and eval-avg5/ (the 5 newest checkpoints averaged).
