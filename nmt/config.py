@@ -122,8 +122,9 @@ class TrainConfig:
     threads: int = setting(2, ("must be between 0 and 1024", lambda v: 0 <= v <= 1024))
     batch_tokens: int = setting(3000, POSITIVE)  # target tokens per batch, padding not counted
     max_epochs: int = setting(20, POSITIVE)
-    # stop after this many updates; 0 = no limit. 2,400: Multi30k's budget (issue 16: 60 minutes
-    # on a 2-core fp32-only CPU); recipes for other corpora set their own (e.g. max_steps: 0)
+    # stop after this many updates; 0 = no limit. 2,400: Multi30k's budget (issue 16: within 60
+    # minutes on a 2-core CPU: ~30 bf16-native, ~59 fp32-only, estimated); recipes for other
+    # corpora set their own (e.g. max_steps: 0)
     max_steps: int = setting(2400, NON_NEGATIVE)
     max_minutes: float = setting(0.0, NON_NEGATIVE)  # wall-clock training budget; 0 = no limit
     lr: float = setting(0.0024764423432578515, POSITIVE)  # the Bayesian sweep's value

@@ -46,7 +46,7 @@ def mirror(tmp_path_factory) -> Path:
 TINY_OVERRIDES = [
     "subword.vocab_size=200",
     "subword.sampling_alpha=0.0",  # one fixed segmentation; the sampling tests set their own
-    "train.lr=0.002",  # the tiny models' updates counts were chosen at this learning rate
+    "train.lr=0.002",  # the tiny models' update counts were chosen at this learning rate
     "model.embed_size=32", "model.hidden_size=32", "model.decoder_size=48",
     "model.attention_size=32", "model.output_size=32", "model.dropout=0.1",
     "train.batch_tokens=600", "train.max_steps=12", "train.valid_every=6",
